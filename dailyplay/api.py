@@ -1,0 +1,507 @@
+"""The /api/org-api-keys endpoint: dispatch on method and `action`, parse, call, envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import inputs
+from .auth import JwtVerifier, Principal, require_org_role
+from .clock import iso_from_ms, ms_from_iso, now_ms
+from .config import Settings
+from .db import Database
+from .errors import ApiError
+from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
+from .ratelimit import KeyRateLimiter, PublicRateLimiter, WindowState, rate_limit_headers
+
+log = logging.getLogger("dailyplay.api")
+
+MAX_NAME = 255
+MAX_DESCRIPTION = 1000
+MAX_EXTERNAL_REF = 255
+MAX_PLAYER_UUID = 255
+MAX_RATE_PER_MINUTE = 1_000_000
+MAX_RATE_PER_DAY = 1_000_000_000
+DEFAULT_RATE_PER_MINUTE = 60
+DEFAULT_RATE_PER_DAY = 10_000
+
+
+@dataclass
+class Services:
+    """Everything a request handler needs, opened in the app's lifespan."""
+
+    settings: Settings
+    db: Database
+    key_verifier: ApiKeyVerifier
+    jwt: JwtVerifier
+    key_limiter: KeyRateLimiter
+    public_limiter: PublicRateLimiter
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def ok(data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"success": True, "data": data}, headers=headers)
+
+
+# --- who is calling -----------------------------------------------------------------------------
+
+
+def client_ip(request: Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+    """The caller's address; X-Forwarded-For is believed only from trusted proxies."""
+    peer = request.client.host if request.client else "unknown"
+    if not trusted:
+        return peer
+
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted)
+
+    if not is_trusted(peer):
+        return peer
+    hops = [
+        hop.strip()
+        for header in request.headers.getlist("x-forwarded-for")
+        for hop in header.split(",")
+    ]
+    # The rightmost address not added by one of our own proxies is the client.
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not is_trusted(hop):
+            return hop
+    return peer
+
+
+async def authenticate_bearer(services: Services, request: Request) -> Principal:
+    if not services.jwt.configured:
+        return await services.jwt.verify("")  # raises the "not configured" 401
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "missing bearer token: send Authorization: Bearer <Clerk session JWT>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        return await services.jwt.verify(token.strip())
+    except ApiError as exc:
+        if exc.status == 401:
+            exc.headers.setdefault("WWW-Authenticate", 'Bearer error="invalid_token"')
+        raise
+
+
+@dataclass(frozen=True)
+class KeyContext:
+    key_id: int
+    org_id: int
+    allowed_game_ids: list[int] | None
+    allowed_stream_ids: list[int] | None
+    rate: WindowState
+
+
+async def authenticate_api_key(services: Services, request: Request, now: int) -> KeyContext:
+    """The x-api-key's current row, checked (401/403) and counted against its limits (429)."""
+    raw = request.headers.get("x-api-key")
+    if not raw:
+        raise ApiError(401, "missing API key: send it in the x-api-key header")
+    if not is_well_formed(raw):
+        raise ApiError(401, "malformed API key: expected dpk_ followed by 40 lowercase hex digits")
+    verified = await services.key_verifier.verify(raw)
+    if verified is None:
+        raise ApiError(401, "invalid API key")
+    row = await services.db.get_api_key_for_request(verified.key_id)
+    if row is None or row["key_hash"] != verified.key_hash:
+        raise ApiError(401, "invalid API key")
+    if not row["is_active"]:
+        raise ApiError(401, "API key has been revoked")
+    if row["expires_at"] is not None and row["expires_at"] <= now:
+        raise ApiError(401, "API key has expired")
+    if row["tier"] != "business":
+        raise ApiError(
+            403, "session tokens need the Business tier; this API key's organization is not on it"
+        )
+    rate = await services.key_limiter.hit(
+        row["id"], row["rate_limit_per_minute"], row["rate_limit_per_day"], now
+    )
+    services.key_limiter.note_used(row["id"], now)
+    return KeyContext(
+        key_id=row["id"],
+        org_id=row["org_id"],
+        allowed_game_ids=_json_list(row["allowed_game_ids"]),
+        allowed_stream_ids=_json_list(row["allowed_stream_ids"]),
+        rate=rate,
+    )
+
+
+def _json_list(text: str | None) -> list[int] | None:
+    return None if text is None else json.loads(text)
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+async def create_session(services: Services, request: Request, params: dict[str, str]) -> Response:
+    now = now_ms()
+    key = await authenticate_api_key(services, request, now)
+    headers = rate_limit_headers(key.rate, now)
+    try:
+        body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+        inputs.check_fields(
+            body, ("game_id", "stream_id", "external_ref", "metadata", "expires_in_minutes")
+        )
+        game_id = inputs.optional_positive_int(body, "game_id")
+        stream_id = inputs.optional_positive_int(body, "stream_id")
+        if game_id is None and stream_id is None:
+            raise ApiError(400, "at least one of 'game_id' and 'stream_id' is required")
+        external_ref = inputs.text(body.get("external_ref"), "external_ref", MAX_EXTERNAL_REF)
+        metadata = inputs.metadata_json(
+            body.get("metadata"), "metadata", services.settings.limits.max_metadata_bytes
+        )
+        sessions = services.settings.sessions
+        minutes = body.get("expires_in_minutes")
+        minutes = (
+            sessions.default_expires_minutes
+            if minutes is None
+            else inputs.positive_int(minutes, "expires_in_minutes", sessions.max_expires_minutes)
+        )
+        if game_id is not None and key.allowed_game_ids is not None:
+            if game_id not in key.allowed_game_ids:
+                raise ApiError(403, f"this API key may not create sessions for game {game_id}")
+        if stream_id is not None and key.allowed_stream_ids is not None:
+            if stream_id not in key.allowed_stream_ids:
+                raise ApiError(403, f"this API key may not create sessions for stream {stream_id}")
+        token = uuid.uuid4()
+        expires_at = now + minutes * 60_000
+        await services.db.insert_session(
+            (
+                token.bytes,
+                key.org_id,
+                key.key_id,
+                game_id,
+                stream_id,
+                external_ref,
+                metadata,
+                now,
+                expires_at,
+            )
+        )
+    except ApiError as exc:
+        exc.headers = {**headers, **exc.headers}
+        raise
+    return ok(
+        {
+            "token": str(token),
+            "game_id": game_id,
+            "stream_id": stream_id,
+            "expires_at": iso_from_ms(expires_at),
+            "external_ref": external_ref,
+        },
+        headers=headers,
+    )
+
+
+def _session_status(row: sqlite3.Row, now: int) -> str:
+    status = str(row["status"])
+    if status == "active" and row["expires_at"] <= now:
+        return "expired"
+    return status
+
+
+def _metadata(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+async def validate_session(services: Services, request: Request, params: dict[str, str]) -> Response:
+    now = now_ms()
+    services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
+    if "token" not in params:
+        raise ApiError(400, "query parameter 'token' is required")
+    token = inputs.session_token(params["token"])
+    row = await services.db.get_session(token)
+    if row is None:
+        raise ApiError(404, "session token not found")
+    status = _session_status(row, now)
+    return ok(
+        {
+            "valid": status == "active",
+            "status": status,
+            "game_id": row["game_id"],
+            "stream_id": row["stream_id"],
+            "expires_at": iso_from_ms(row["expires_at"]),
+            "external_ref": row["external_ref"],
+            "metadata": _metadata(row["metadata"]),
+        }
+    )
+
+
+GONE_MESSAGES = {
+    "consumed": "session token has already been consumed",
+    "expired": "session token has expired",
+    "revoked": "session token has been revoked",
+}
+
+
+async def consume_session(services: Services, request: Request, params: dict[str, str]) -> Response:
+    now = now_ms()
+    services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
+    body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+    inputs.check_fields(body, ("token", "player_uuid"), required=("token",))
+    token = inputs.session_token(body["token"])
+    player_uuid = inputs.text(body.get("player_uuid"), "player_uuid", MAX_PLAYER_UUID)
+    row = await services.db.consume_session(token, player_uuid, now)
+    if row is None:
+        current = await services.db.get_session(token)
+        if current is None:
+            raise ApiError(404, "session token not found")
+        status = _session_status(current, now)
+        # An active row here expired between the two statements: report it as expired.
+        raise ApiError(410, GONE_MESSAGES.get(status, GONE_MESSAGES["expired"]))
+    return ok(
+        {
+            "session_id": row["id"],
+            "org_id": row["org_id"],
+            "stream_id": row["stream_id"],
+            "game_id": row["game_id"],
+            "external_ref": row["external_ref"],
+            "metadata": _metadata(row["metadata"]),
+        }
+    )
+
+
+# --- API keys -----------------------------------------------------------------------------------
+
+
+def api_key_data(row: sqlite3.Row) -> dict[str, Any]:
+    """A key as the API shows it: never its hash, never the raw key."""
+    return {
+        "id": row["id"],
+        "org_id": row["org_id"],
+        "name": row["name"],
+        "description": row["description"],
+        "key_prefix": row["key_prefix"],
+        "is_active": bool(row["is_active"]),
+        "allowed_game_ids": _json_list(row["allowed_game_ids"]),
+        "allowed_stream_ids": _json_list(row["allowed_stream_ids"]),
+        "rate_limit_per_minute": row["rate_limit_per_minute"],
+        "rate_limit_per_day": row["rate_limit_per_day"],
+        "expires_at": iso_from_ms(row["expires_at"]),
+        "created_at": iso_from_ms(row["created_at"]),
+        "updated_at": iso_from_ms(row["updated_at"]),
+        "last_used_at": iso_from_ms(row["last_used_at"]),
+    }
+
+
+def _future_time(value: Any, name: str, now: int) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be an ISO 8601 date-time string or null")
+    try:
+        moment = ms_from_iso(value)
+    except (ValueError, OverflowError):
+        raise ApiError(
+            400, f"'{name}' must be an ISO 8601 date-time with a timezone, e.g. 2027-01-01T00:00:00Z"
+        ) from None
+    if moment <= now:
+        raise ApiError(400, f"'{name}' must be in the future")
+    return moment
+
+
+def _id_list_json(value: Any, name: str) -> str | None:
+    ids = inputs.id_list(value, name)
+    return None if ids is None else json.dumps(ids)
+
+
+async def list_api_keys(services: Services, request: Request, params: dict[str, str]) -> Response:
+    principal = await authenticate_bearer(services, request)
+    org_id = inputs.query_positive_int(params, "org_id")
+    await require_org_role(services.db, principal, org_id, need_admin=False)
+    rows = await services.db.list_api_keys(org_id)
+    return ok([api_key_data(row) for row in rows])
+
+
+CREATE_KEY_FIELDS = (
+    "org_id",
+    "name",
+    "description",
+    "allowed_game_ids",
+    "allowed_stream_ids",
+    "rate_limit_per_minute",
+    "rate_limit_per_day",
+    "expires_at",
+)
+
+
+async def create_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
+    principal = await authenticate_bearer(services, request)
+    body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+    inputs.check_fields(body, CREATE_KEY_FIELDS, required=("org_id", "name"))
+    org_id = inputs.positive_int(body["org_id"], "org_id")
+    await require_org_role(services.db, principal, org_id, need_admin=True)
+    org = await services.db.get_org(org_id)
+    if org is None or org["tier"] != "business":
+        raise ApiError(403, f"organization {org_id} is not on the Business tier, which API keys need")
+    now = now_ms()
+    name = inputs.text(body["name"], "name", MAX_NAME, required=True)
+    description = inputs.text(body.get("description"), "description", MAX_DESCRIPTION)
+    allowed_games = _id_list_json(body.get("allowed_game_ids"), "allowed_game_ids")
+    allowed_streams = _id_list_json(body.get("allowed_stream_ids"), "allowed_stream_ids")
+    per_minute = body.get("rate_limit_per_minute", DEFAULT_RATE_PER_MINUTE)
+    per_minute = inputs.positive_int(per_minute, "rate_limit_per_minute", MAX_RATE_PER_MINUTE)
+    per_day = body.get("rate_limit_per_day", DEFAULT_RATE_PER_DAY)
+    per_day = inputs.positive_int(per_day, "rate_limit_per_day", MAX_RATE_PER_DAY)
+    expires_at = _future_time(body.get("expires_at"), "expires_at", now)
+    raw_key = generate_api_key()
+    key_hash = await _hash_in_thread(raw_key)
+    row = await services.db.insert_api_key(
+        (
+            org_id,
+            name,
+            description,
+            key_prefix(raw_key),
+            key_hash,
+            allowed_games,
+            allowed_streams,
+            per_minute,
+            per_day,
+            expires_at,
+            now,
+            now,
+        )
+    )
+    return ok({**api_key_data(row), "key": raw_key})
+
+
+async def _hash_in_thread(raw_key: str) -> str:
+    return await asyncio.to_thread(hash_api_key, raw_key)
+
+
+async def update_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
+    principal = await authenticate_bearer(services, request)
+    body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+    mutable = (
+        "is_active",
+        "name",
+        "description",
+        "allowed_game_ids",
+        "allowed_stream_ids",
+        "rate_limit_per_minute",
+        "rate_limit_per_day",
+        "expires_at",
+    )
+    inputs.check_fields(body, ("id", "org_id", *mutable), required=("id", "org_id"))
+    key_id = inputs.positive_int(body["id"], "id")
+    org_id = inputs.positive_int(body["org_id"], "org_id")
+    await require_org_role(services.db, principal, org_id, need_admin=True)
+    now = now_ms()
+    changes: dict[str, Any] = {}
+    if "is_active" in body:
+        changes["is_active"] = int(inputs.boolean(body["is_active"], "is_active"))
+    if "name" in body:
+        changes["name"] = inputs.text(body["name"], "name", MAX_NAME, required=True)
+    if "description" in body:
+        changes["description"] = inputs.text(body["description"], "description", MAX_DESCRIPTION)
+    for name in ("allowed_game_ids", "allowed_stream_ids"):
+        if name in body:
+            changes[name] = _id_list_json(body[name], name)
+    if "rate_limit_per_minute" in body:
+        changes["rate_limit_per_minute"] = inputs.positive_int(
+            body["rate_limit_per_minute"], "rate_limit_per_minute", MAX_RATE_PER_MINUTE
+        )
+    if "rate_limit_per_day" in body:
+        changes["rate_limit_per_day"] = inputs.positive_int(
+            body["rate_limit_per_day"], "rate_limit_per_day", MAX_RATE_PER_DAY
+        )
+    if "expires_at" in body:
+        changes["expires_at"] = _future_time(body["expires_at"], "expires_at", now)
+    if not changes:
+        raise ApiError(400, "nothing to update: send at least one of " + ", ".join(mutable))
+    row, revoked = await services.db.update_api_key(org_id, key_id, changes, now)
+    if row is None:
+        raise ApiError(404, f"API key {key_id} not found in organization {org_id}")
+    return ok({**api_key_data(row), "revoked_sessions": revoked})
+
+
+async def delete_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
+    principal = await authenticate_bearer(services, request)
+    key_id = inputs.query_positive_int(params, "id")
+    org_id = inputs.query_positive_int(params, "org_id")
+    await require_org_role(services.db, principal, org_id, need_admin=True)
+    revoked = await services.db.delete_api_key(org_id, key_id, now_ms())
+    if revoked is None:
+        raise ApiError(404, f"API key {key_id} not found in organization {org_id}")
+    return ok({"id": key_id, "deleted": True, "revoked_sessions": revoked})
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+Handler = Callable[[Services, Request, dict[str, str]], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    handler: Handler
+    query: tuple[str, ...]
+
+
+# action -> method -> operation; None is the key-management family with no action.
+OPERATIONS: dict[str | None, dict[str, Operation]] = {
+    "create-session": {"POST": Operation(create_session, ("action",))},
+    "validate-session": {"GET": Operation(validate_session, ("action", "token"))},
+    "consume-session": {"POST": Operation(consume_session, ("action",))},
+    None: {
+        "GET": Operation(list_api_keys, ("org_id",)),
+        "POST": Operation(create_api_key, ()),
+        "PATCH": Operation(update_api_key, ()),
+        "DELETE": Operation(delete_api_key, ("id", "org_id")),
+    },
+}
+ACTIONS = [action for action in OPERATIONS if action is not None]
+
+
+def select_operation(request: Request) -> Operation:
+    """The operation for this method and action: 400 for an unknown action, 405 for a method."""
+    actions = request.query_params.getlist("action")
+    if len(actions) > 1:
+        raise ApiError(400, "query parameter 'action' is given more than once")
+    action = actions[0] if actions else None
+    if action not in OPERATIONS:
+        raise ApiError(
+            400,
+            f"unknown action '{inputs._printable(action or '')}'; expected one of "
+            + ", ".join(ACTIONS),
+        )
+    by_method = OPERATIONS[action]
+    operation = by_method.get(request.method)
+    if operation is None:
+        what = f"action '{action}'" if action else "/api/org-api-keys without an action"
+        raise ApiError(
+            405,
+            f"method {request.method} is not allowed for {what}; use " + ", ".join(by_method),
+            headers={"Allow": ", ".join(by_method)},
+        )
+    return operation
+
+
+async def handle_org_api_keys(request: Request) -> Response:
+    """The one public route: pick the operation, check the query, run it."""
+    services: Services = request.app.state.services
+    operation = select_operation(request)
+    params = inputs.query_params(request, operation.query)
+    return await operation.handler(services, request, params)

@@ -1,0 +1,150 @@
+"""create_app(settings) -> Starlette: routes, middleware, error handlers and the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import re
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from . import config
+from .api import Services, handle_org_api_keys
+from .auth import JwtVerifier
+from .db import Database
+from .errors import ApiError
+from .keys import ApiKeyVerifier
+from .ratelimit import KeyRateLimiter, PublicRateLimiter, flushing
+
+log = logging.getLogger("dailyplay")
+
+RATE_LIMIT_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error envelope used for every non-2xx answer."""
+    return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: "not found", 405: "method not allowed"}
+    message = messages.get(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, message, dict(exc.headers or {}))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the API's JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code >= 400:
+            message = response.body.decode("utf-8", "replace") or "CORS preflight refused"
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            headers.pop("content-type", None)
+            return error_response(response.status_code, message, headers)
+        return response
+
+
+class RedactSecretsFilter(logging.Filter):
+    """Removes session tokens and key-like secrets from uvicorn's access-log lines."""
+
+    _token = re.compile(r"((?:^|[?&])token=)[^&\s\"]*", re.IGNORECASE)
+    _key = re.compile(r"dpk_[0-9a-fA-F]{4}[0-9a-fA-F]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self._redact(record.msg)
+        return True
+
+    def _redact(self, text: str) -> str:
+        text = self._token.sub(r"\1[redacted]", text)
+        return self._key.sub(lambda m: m.group(0)[:8] + "[redacted]", text)
+
+
+class OrgApiKeysEndpoint:
+    """A plain ASGI endpoint, so that every method reaches the dispatcher, which answers 405
+    with the Allow header of the chosen action (Starlette's would list one set for the path)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await handle_org_api_keys(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def create_app(settings: config.Settings | None = None) -> Starlette:
+    """The ASGI application for one process; resources open in its lifespan."""
+    settings = settings or config.load()
+    jwt_verifier = JwtVerifier(settings.auth)  # fails fast on a bad key file
+    trusted = [ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(settings.database)
+        await db.open()
+        key_limiter = KeyRateLimiter(db)
+        app.state.services = Services(
+            settings=settings,
+            db=db,
+            key_verifier=ApiKeyVerifier(db),
+            jwt=jwt_verifier,
+            key_limiter=key_limiter,
+            public_limiter=PublicRateLimiter(settings.limits.public_per_minute),
+            trusted_proxies=trusted,
+        )
+        try:
+            async with flushing(key_limiter):
+                yield
+        finally:
+            await db.close()
+
+    middleware = []
+    if settings.cors.allow_origins:
+        middleware.append(
+            Middleware(
+                JsonCORSMiddleware,
+                allow_origins=settings.cors.allow_origins,
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["authorization", "content-type", "x-api-key"],
+                expose_headers=RATE_LIMIT_HEADERS,
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=[Route("/api/org-api-keys", OrgApiKeysEndpoint())],
+        middleware=middleware,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.router.redirect_slashes = False
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn factory for `dailyplay serve`: settings from DAILYPLAY_CONFIG and DAILYPLAY_* env."""
+    return create_app(config.load())

@@ -1,0 +1,316 @@
+"""The `dailyplay` command: serve, init-db, org, member, demo. Each prints JSON on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__, config, db
+from .clock import iso_from_ms, now_ms
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """An error to report on stderr with a non-zero exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+def emit(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False), flush=True)
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    try:
+        return config.load(args.config)
+    except config.ConfigError as exc:
+        raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+
+
+def _connect(settings: config.Settings) -> sqlite3.Connection:
+    try:
+        return db.connect(settings.database)
+    except (sqlite3.Error, db.SchemaError) as exc:
+        raise CliError(f"cannot open database {settings.database.path}: {exc}") from None
+
+
+def _org_data(row: sqlite3.Row) -> dict[str, Any]:
+    data = {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+    data["created_at"] = iso_from_ms(data["created_at"])
+    return data
+
+
+def _name(value: str) -> str:
+    if not value.strip() or len(value) > 255:
+        raise argparse.ArgumentTypeError("must be 1 to 255 characters, not blank")
+    return value
+
+
+def _user_id(value: str) -> str:
+    if not value.strip() or len(value) > 255:
+        raise argparse.ArgumentTypeError("must be 1 to 255 characters, not blank")
+    return value
+
+
+def _org_id(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 2**63 - 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return int(value)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_init_db(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    conn = _connect(settings)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    emit(
+        {
+            "database": str(Path(settings.database.path).resolve()),
+            "schema_version": version,
+            "journal_mode": mode,
+        }
+    )
+
+
+def cmd_org_create(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    try:
+        with db.transaction(conn):
+            row = db.create_org(conn, args.name, args.tier, args.external_id, now_ms())
+    except sqlite3.IntegrityError:
+        raise CliError(
+            f"an organization with external id {args.external_id!r} already exists"
+        ) from None
+    emit(_org_data(row))
+
+
+def cmd_org_list(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    emit([_org_data(row) for row in db.list_orgs(conn)])
+
+
+def cmd_org_set_tier(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    with db.transaction(conn):
+        row = db.set_org_tier(conn, args.org, args.tier)
+    if row is None:
+        raise CliError(f"organization {args.org} not found")
+    emit(_org_data(row))
+
+
+def cmd_member_add(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    with db.transaction(conn):
+        if not db.org_exists(conn, args.org):
+            raise CliError(f"organization {args.org} not found")
+        row = db.upsert_member(conn, args.org, args.user, args.role, now_ms())
+    emit(_org_data(row))
+
+
+def cmd_member_remove(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    with db.transaction(conn):
+        removed = db.delete_member(conn, args.org, args.user)
+    if not removed:
+        raise CliError(f"{args.user!r} is not a member of organization {args.org}")
+    emit({"org_id": args.org, "user_id": args.user, "removed": True})
+
+
+def cmd_member_list(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    if not db.org_exists(conn, args.org):
+        raise CliError(f"organization {args.org} not found")
+    emit([_org_data(row) for row in db.list_members(conn, args.org)])
+
+
+def uvicorn_log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging setup with session tokens and keys redacted from access lines."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config.setdefault("filters", {})["redact_secrets"] = {
+        "()": "dailyplay.app.RedactSecretsFilter"
+    }
+    for handler in log_config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_secrets")
+    log_config["loggers"]["dailyplay"] = {"handlers": ["default"], "level": level.upper()}
+    return log_config
+
+
+def run_server(settings: config.Settings, config_path: str | None, announce: bool = True) -> None:
+    """Run uvicorn with settings passed to every worker through the environment."""
+    import uvicorn
+
+    from .auth import JwtVerifier
+
+    try:
+        JwtVerifier(settings.auth)  # a bad key file is reported here, not in each worker
+    except config.ConfigError as exc:
+        raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+    _connect(settings).close()  # create or migrate once, before workers start
+    if config_path:
+        os.environ["DAILYPLAY_CONFIG"] = str(Path(config_path).resolve())
+    for section, values in config.as_dict(settings).items():
+        for key, value in values.items():
+            name = f"DAILYPLAY_{section.upper()}_{key.upper()}"
+            os.environ[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    server = settings.server
+    if announce:
+        emit(
+            {
+                "listening": f"http://{server.host}:{server.port}",
+                "workers": server.workers,
+                "database": str(Path(settings.database.path).resolve()),
+                "pid": os.getpid(),
+            }
+        )
+    uvicorn.run(
+        "dailyplay.app:app_from_environment",
+        factory=True,
+        host=server.host,
+        port=server.port,
+        workers=server.workers,
+        log_config=uvicorn_log_config(server.log_level),
+        log_level=server.log_level,
+        timeout_graceful_shutdown=10,
+        server_header=False,
+        proxy_headers=False,
+    )
+
+
+def _with_server_overrides(settings: config.Settings, args: argparse.Namespace) -> config.Settings:
+    overrides = {
+        key: getattr(args, key)
+        for key in ("host", "port", "workers")
+        if getattr(args, key, None) is not None
+    }
+    if not overrides:
+        return settings
+    try:
+        return settings.replace("server", **overrides)
+    except config.ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _with_server_overrides(_settings(args), args)
+    run_server(settings, args.config or os.environ.get("DAILYPLAY_CONFIG"))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import prepare_demo
+
+    base = _settings(args) if args.config else None
+    try:
+        settings, info, guide = prepare_demo(Path(args.dir), args.host, args.port, base)
+    except config.ConfigError as exc:
+        raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+    except (OSError, sqlite3.Error, db.SchemaError) as exc:
+        raise CliError(f"cannot prepare the demo in {args.dir}: {exc}") from None
+    emit(info)
+    print(guide, file=sys.stderr, flush=True)
+    if not args.no_serve:
+        run_server(settings, info["config"], announce=False)
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML settings file (default: $DAILYPLAY_CONFIG, else built-in defaults)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="dailyplay",
+        description="Self-hosted DailyPlay session-token service.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"dailyplay {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the HTTP API")
+    serve.add_argument("--host", help="address to listen on (server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (server.workers)")
+    serve.set_defaults(func=cmd_serve)
+
+    init = commands.add_parser("init-db", parents=[common], help="create or migrate the database")
+    init.set_defaults(func=cmd_init_db)
+
+    org = commands.add_parser("org", parents=[common], help="manage organizations")
+    org_commands = org.add_subparsers(dest="org_command", metavar="ACTION", required=True)
+    create = org_commands.add_parser("create", parents=[common], help="create an organization")
+    create.add_argument("--name", required=True, type=_name)
+    create.add_argument("--tier", choices=["free", "business"], default="free")
+    create.add_argument("--external-id", help="Clerk organization id (org_...)", type=_user_id)
+    create.set_defaults(func=cmd_org_create)
+    org_list = org_commands.add_parser("list", parents=[common], help="list organizations")
+    org_list.set_defaults(func=cmd_org_list)
+    tier = org_commands.add_parser("set-tier", parents=[common], help="change an org's tier")
+    tier.add_argument("--org", required=True, type=_org_id)
+    tier.add_argument("--tier", required=True, choices=["free", "business"])
+    tier.set_defaults(func=cmd_org_set_tier)
+
+    member = commands.add_parser("member", parents=[common], help="manage organization members")
+    member_commands = member.add_subparsers(dest="member_command", metavar="ACTION", required=True)
+    add = member_commands.add_parser("add", parents=[common], help="add or change a member")
+    add.add_argument("--org", required=True, type=_org_id)
+    add.add_argument("--user", required=True, type=_user_id, help="Clerk user id (JWT sub)")
+    add.add_argument("--role", choices=["admin", "member"], default="member")
+    add.set_defaults(func=cmd_member_add)
+    remove = member_commands.add_parser("remove", parents=[common], help="remove a member")
+    remove.add_argument("--org", required=True, type=_org_id)
+    remove.add_argument("--user", required=True, type=_user_id)
+    remove.set_defaults(func=cmd_member_remove)
+    members = member_commands.add_parser("list", parents=[common], help="list an org's members")
+    members.add_argument("--org", required=True, type=_org_id)
+    members.set_defaults(func=cmd_member_list)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="start a ready-to-try instance with a key and a token"
+    )
+    demo.add_argument("--dir", default="dailyplay-demo", help="where the demo keeps its files")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8787)
+    demo.add_argument("--no-serve", action="store_true", help="prepare and print, do not serve")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def fail(message: str, status: int) -> NoReturn:
+    print(f"dailyplay: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `dailyplay` console script."""
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    started = time.monotonic()
+    try:
+        args.func(args)
+    except CliError as exc:
+        fail(str(exc), exc.status)
+    except KeyboardInterrupt:
+        fail(f"interrupted after {time.monotonic() - started:.1f}s", 130)

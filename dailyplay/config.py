@@ -1,0 +1,256 @@
+"""Settings: every key declared once (type, default, help), read from TOML and DAILYPLAY_* env."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_EXPIRES_MINUTES = 525_600  # one year: the contract's upper bound for expires_in_minutes
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown, of the wrong type or out of range."""
+
+
+def _setting(default: Any, help: str) -> Any:
+    # Lists need a factory; everything else is immutable.
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8787, "TCP port to listen on")
+    workers: int = _setting(1, "uvicorn worker processes sharing the one database file")
+    trusted_proxies: list[str] = _setting(
+        [], "proxy addresses/CIDRs whose X-Forwarded-For is believed (empty: none)"
+    )
+    log_level: str = _setting("info", "critical, error, warning, info or debug")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    path: str = _setting("dailyplay.db", "SQLite file (WAL mode); relative paths start at the cwd")
+    synchronous: str = _setting(
+        "FULL", "FULL survives power loss; NORMAL is faster but may lose the last commits"
+    )
+    busy_timeout_ms: int = _setting(5000, "how long a write waits for another process's lock")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    jwks_url: str = _setting("", "Clerk JWKS URL (https://<your-app>/.well-known/jwks.json)")
+    jwt_public_key: str = _setting("", "PEM public key file, instead of jwks_url")
+    issuer: str = _setting("", "required `iss` claim (empty: not checked)")
+    audience: str = _setting("", "required `aud` claim (empty: tokens carrying `aud` are refused)")
+    authorized_parties: list[str] = _setting([], "allowed `azp` values (empty: not checked)")
+    leeway_seconds: int = _setting(5, "clock skew tolerated on exp/nbf/iat")
+    jwks_cache_seconds: int = _setting(300, "how long a fetched JWKS is reused")
+    jwks_timeout_seconds: int = _setting(5, "timeout for fetching the JWKS")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    default_expires_minutes: int = _setting(1440, "token lifetime when expires_in_minutes is absent")
+    max_expires_minutes: int = _setting(MAX_EXPIRES_MINUTES, "largest expires_in_minutes accepted")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    public_per_minute: int = _setting(
+        600, "validate/consume requests per client IP per minute (0: unlimited)"
+    )
+    max_body_bytes: int = _setting(65_536, "largest request body; larger gets 413")
+    max_metadata_bytes: int = _setting(8_192, "largest serialized session metadata")
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    allow_origins: list[str] = _setting(
+        [], "origins allowed to call the API from a browser ('*' for any; empty: none)"
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    sessions: SessionSettings = field(default_factory=SessionSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+
+    def replace(self, section: str, **values: Any) -> Settings:
+        """A copy with some keys of one section changed (validated like loaded values)."""
+        raw = as_dict(self)
+        raw[section].update(values)
+        return _build(raw, source="override")
+
+
+_SECTION_TYPES = {
+    "server": ServerSettings,
+    "database": DatabaseSettings,
+    "auth": AuthSettings,
+    "sessions": SessionSettings,
+    "limits": LimitSettings,
+    "cors": CorsSettings,
+}
+
+
+def settings_table() -> list[tuple[str, str, Any, str]]:
+    """Every setting as (section, key, default, help), in declaration order."""
+    rows = []
+    for section, cls in _SECTION_TYPES.items():
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((section, f.name, getattr(defaults, f.name), f.metadata["help"]))
+    return rows
+
+
+def as_dict(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(settings, name)) for name in _SECTION_TYPES}
+
+
+def _coerce(section: str, key: str, value: Any, annotation: str, source: str) -> Any:
+    where = f"{section}.{key} (from {source})"
+    if annotation == "int":
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if annotation == "list[str]":
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    raise ConfigError(f"{where} is not a valid JSON list: {value!r}") from None
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return list(value)
+    raise AssertionError(f"unhandled setting type {annotation}")  # pragma: no cover
+
+
+def _build(raw: Mapping[str, Mapping[str, Any]], source: str) -> Settings:
+    sections = {}
+    for section, cls in _SECTION_TYPES.items():
+        values = dict(raw.get(section, {}))
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown setting {section}.{key} (from {source})")
+        coerced = {
+            key: _coerce(section, key, value, str(known[key].type), source)
+            for key, value in values.items()
+        }
+        sections[section] = cls(**coerced)
+    settings = Settings(**sections)
+    _check_ranges(settings)
+    return settings
+
+
+def _check_ranges(s: Settings) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(1 <= s.server.port <= 65535, "server.port must be between 1 and 65535")
+    need(1 <= s.server.workers <= 64, "server.workers must be between 1 and 64")
+    need(
+        s.server.log_level in {"critical", "error", "warning", "info", "debug"},
+        "server.log_level must be one of critical, error, warning, info, debug",
+    )
+    for proxy in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.trusted_proxies: {proxy!r} is not an IP address or CIDR"
+            ) from None
+    need(bool(s.database.path), "database.path must not be empty")
+    need(
+        s.database.synchronous.upper() in {"FULL", "NORMAL", "EXTRA"},
+        "database.synchronous must be FULL, EXTRA or NORMAL",
+    )
+    need(0 <= s.database.busy_timeout_ms <= 600_000, "database.busy_timeout_ms must be 0..600000")
+    need(
+        not (s.auth.jwks_url and s.auth.jwt_public_key),
+        "set only one of auth.jwks_url and auth.jwt_public_key",
+    )
+    need(
+        not s.auth.jwks_url or s.auth.jwks_url.startswith(("https://", "http://")),
+        "auth.jwks_url must be an http(s) URL",
+    )
+    need(0 <= s.auth.leeway_seconds <= 300, "auth.leeway_seconds must be 0..300")
+    need(1 <= s.auth.jwks_cache_seconds <= 86_400, "auth.jwks_cache_seconds must be 1..86400")
+    need(1 <= s.auth.jwks_timeout_seconds <= 60, "auth.jwks_timeout_seconds must be 1..60")
+    need(
+        1 <= s.sessions.max_expires_minutes <= MAX_EXPIRES_MINUTES,
+        f"sessions.max_expires_minutes must be 1..{MAX_EXPIRES_MINUTES}",
+    )
+    need(
+        1 <= s.sessions.default_expires_minutes <= s.sessions.max_expires_minutes,
+        "sessions.default_expires_minutes must be between 1 and sessions.max_expires_minutes",
+    )
+    need(s.limits.public_per_minute >= 0, "limits.public_per_minute must be >= 0")
+    need(
+        1024 <= s.limits.max_body_bytes <= 16 * 1024 * 1024,
+        "limits.max_body_bytes must be 1024..16777216",
+    )
+    need(
+        2 <= s.limits.max_metadata_bytes < s.limits.max_body_bytes,
+        "limits.max_metadata_bytes must be at least 2 and below limits.max_body_bytes",
+    )
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from a TOML file (path, else $DAILYPLAY_CONFIG, else defaults) plus env overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
+    source = "defaults"
+    path = path or env.get("DAILYPLAY_CONFIG") or None
+    if path:
+        file = Path(path)
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        for section, values in data.items():
+            if section not in _SECTION_TYPES:
+                raise ConfigError(f"unknown section [{section}] in {file}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{section}] in {file} must be a table")
+            raw[section].update(values)
+        source = str(file)
+    _build(raw, source)  # report file errors against the file before env overrides
+    for section, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            name = f"DAILYPLAY_{section.upper()}_{f.name.upper()}"
+            if name in env:
+                raw[section][f.name] = env[name]
+    return _build(raw, "environment" if source == "defaults" else f"{source} + environment")

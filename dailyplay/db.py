@@ -1,0 +1,456 @@
+"""The SQLite layer: connections, PRAGMAs, migrations and every SQL statement the service runs.
+
+The server uses `Database` (aiosqlite): one writer connection whose multi-statement writes run as
+`BEGIN IMMEDIATE` transactions under an asyncio lock, and one read-only connection for reads.
+The CLI uses the synchronous helpers at the bottom on a plain sqlite3 connection.
+Everything else calls the named operations here and never holds SQL of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from .config import DatabaseSettings
+
+T = TypeVar("T")
+
+SCHEMA_FILE = "schema.sql"
+
+
+class SchemaError(RuntimeError):
+    """The database file's schema is newer than this program, or cannot be migrated."""
+
+
+def schema_text() -> str:
+    """The schema shipped in the wheel, or the top-level schema.sql of a source checkout."""
+    packaged = resources.files("dailyplay").joinpath(SCHEMA_FILE)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / SCHEMA_FILE).read_text(encoding="utf-8")
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into complete statements (executescript would COMMIT on its own)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
+    ):
+        raise SchemaError("schema.sql ends with an incomplete statement")
+    return statements
+
+
+# Ordered, named migration steps; step N brings the file to PRAGMA user_version N.
+MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
+    ("initial schema", schema_text),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _connection_pragmas(settings: DatabaseSettings, read_only: bool) -> list[str]:
+    pragmas = [
+        f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}",
+        "PRAGMA foreign_keys = ON",
+        f"PRAGMA synchronous = {settings.synchronous.upper()}",
+    ]
+    if read_only:
+        pragmas.append("PRAGMA query_only = ON")
+    return pragmas
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the file to SCHEMA_VERSION, each step committed with its version; returns it."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    while True:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"database schema version {version} is newer than this dailyplay "
+                f"(knows up to {SCHEMA_VERSION}); upgrade dailyplay"
+            )
+        if version == SCHEMA_VERSION:
+            return version
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current == version:
+                _name, script = MIGRATIONS[version]
+                for statement in _statements(script()):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def connect(settings: DatabaseSettings, *, migrate_schema: bool = True) -> sqlite3.Connection:
+    """A synchronous connection (autocommit; use `transaction`) with the schema current."""
+    path = Path(settings.path)
+    if path.parent and not path.parent.exists():
+        raise SchemaError(f"database directory does not exist: {path.parent}")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=settings.busy_timeout_ms / 1000)
+    conn.row_factory = sqlite3.Row
+    for pragma in _connection_pragmas(settings, read_only=False):
+        conn.execute(pragma)
+    if migrate_schema:
+        migrate(conn)
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# --- SQL shared by the server and the CLI -------------------------------------------------------
+
+API_KEY_COLUMNS = (
+    "id, org_id, name, description, key_prefix, is_active, allowed_game_ids, allowed_stream_ids,"
+    " rate_limit_per_minute, rate_limit_per_day, expires_at, created_at, updated_at, last_used_at"
+)
+INSERT_API_KEY = (
+    "INSERT INTO api_keys (org_id, name, description, key_prefix, key_hash, allowed_game_ids,"
+    " allowed_stream_ids, rate_limit_per_minute, rate_limit_per_day, expires_at, created_at,"
+    f" updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {API_KEY_COLUMNS}"
+)
+# Tokens that already expired keep reporting `expired`; only live ones turn `revoked`.
+REVOKE_KEY_SESSIONS = (
+    "UPDATE sessions SET status = 'revoked', revoked_at = ?"
+    " WHERE api_key_id = ? AND status = 'active' AND expires_at > ?"
+)
+SESSION_COLUMNS = (
+    "id, org_id, api_key_id, game_id, stream_id, external_ref, metadata, status, created_at,"
+    " expires_at, consumed_at, revoked_at"
+)
+MUTABLE_KEY_COLUMNS = frozenset(
+    {
+        "name",
+        "description",
+        "is_active",
+        "allowed_game_ids",
+        "allowed_stream_ids",
+        "rate_limit_per_minute",
+        "rate_limit_per_day",
+        "expires_at",
+    }
+)
+
+
+class Database:
+    """The service's storage: named async operations over one SQLite file."""
+
+    def __init__(self, settings: DatabaseSettings):
+        self.settings = settings
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Migrate the file, then open the writer and the read-only connection."""
+        await asyncio.to_thread(self._migrate)
+        self._writer = await self._open_connection(read_only=False)
+        self._reader = await self._open_connection(read_only=True)
+
+    def _migrate(self) -> None:
+        conn = connect(self.settings)
+        conn.close()
+
+    async def _open_connection(self, read_only: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(
+            self.settings.path, isolation_level=None, timeout=self.settings.busy_timeout_ms / 1000
+        )
+        conn.row_factory = sqlite3.Row
+        for pragma in _connection_pragmas(self.settings, read_only):
+            await conn.execute(pragma)
+        return conn
+
+    async def close(self) -> None:
+        """Checkpoint the WAL into the main file and close both connections."""
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise RuntimeError("database is not open")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("database is not open")
+        return self._reader
+
+    async def _in_transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        async with self._write_lock:
+            conn = self.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work(conn)
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+            return result
+
+    async def _write_one(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+        """One autocommit statement on the writer; all RETURNING rows are read before commit."""
+        async with self._write_lock:
+            return list(await self.writer.execute_fetchall(sql, tuple(params)))
+
+    async def _read_one(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
+        async with self.reader.execute(sql, tuple(params)) as cursor:
+            return await cursor.fetchone()
+
+    async def _read_all(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+        return list(await self.reader.execute_fetchall(sql, tuple(params)))
+
+    # --- organizations -------------------------------------------------------------------------
+
+    async def get_org(self, org_id: int) -> sqlite3.Row | None:
+        return await self._read_one(
+            "SELECT id, name, tier, external_id FROM orgs WHERE id = ?", (org_id,)
+        )
+
+    async def get_member_role(self, org_id: int, user_id: str) -> str | None:
+        row = await self._read_one(
+            "SELECT role FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+        )
+        return None if row is None else str(row["role"])
+
+    # --- API keys ------------------------------------------------------------------------------
+
+    async def list_api_keys(self, org_id: int) -> list[sqlite3.Row]:
+        return await self._read_all(
+            f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
+        )
+
+    async def insert_api_key(self, values: tuple[Any, ...]) -> sqlite3.Row:
+        """Insert one key; `values` follows INSERT_API_KEY's column order."""
+        rows = await self._write_one(INSERT_API_KEY, values)
+        return rows[0]
+
+    async def update_api_key(
+        self, org_id: int, key_id: int, changes: dict[str, Any], now: int
+    ) -> tuple[sqlite3.Row | None, int]:
+        """Apply changes to a key of org_id; deactivating revokes its live tokens at once.
+
+        Returns (the updated row or None when the key is not in the org, tokens revoked).
+        """
+        unknown = set(changes) - MUTABLE_KEY_COLUMNS
+        if unknown:
+            raise ValueError(f"not a mutable API key column: {sorted(unknown)}")
+
+        async def work(conn: aiosqlite.Connection) -> tuple[sqlite3.Row | None, int]:
+            assignments = ", ".join(f"{column} = ?" for column in changes)
+            rows = list(
+                await conn.execute_fetchall(
+                    f"UPDATE api_keys SET {assignments}, updated_at = ?"
+                    f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
+                    (*changes.values(), now, key_id, org_id),
+                )
+            )
+            if not rows:
+                return None, 0
+            revoked = 0
+            if changes.get("is_active") == 0:
+                cursor = await conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now))
+                revoked = cursor.rowcount
+            return rows[0], revoked
+
+        return await self._in_transaction(work)
+
+    async def delete_api_key(self, org_id: int, key_id: int, now: int) -> int | None:
+        """Revoke a key's live tokens and delete it, in one transaction; None if not in the org."""
+
+        async def work(conn: aiosqlite.Connection) -> int | None:
+            async with conn.execute(
+                "SELECT 1 FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
+            ) as cursor:
+                if await cursor.fetchone() is None:
+                    return None
+            cursor = await conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now))
+            revoked = cursor.rowcount
+            await conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+            return revoked
+
+        return await self._in_transaction(work)
+
+    async def find_api_key_hashes(self, key_prefix: str) -> list[sqlite3.Row]:
+        """(id, key_hash) of every key whose first 8 characters are key_prefix."""
+        return await self._read_all(
+            "SELECT id, key_hash FROM api_keys WHERE key_prefix = ?", (key_prefix,)
+        )
+
+    async def get_api_key_for_request(self, key_id: int) -> sqlite3.Row | None:
+        """The key's current state and its org's tier, read fresh for every request."""
+        return await self._read_one(
+            "SELECT k.id, k.org_id, k.key_hash, k.is_active, k.allowed_game_ids,"
+            " k.allowed_stream_ids, k.rate_limit_per_minute, k.rate_limit_per_day,"
+            " k.expires_at, o.tier FROM api_keys k JOIN orgs o ON o.id = k.org_id"
+            " WHERE k.id = ?",
+            (key_id,),
+        )
+
+    async def record_key_usage(
+        self, last_used: dict[int, int], counter_deltas: dict[tuple[int, str, int], int]
+    ) -> dict[tuple[int, str, int], int]:
+        """Store last_used_at and add this process's rate-limit counts; returns the new totals."""
+
+        async def work(conn: aiosqlite.Connection) -> dict[tuple[int, str, int], int]:
+            await conn.executemany(
+                "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?)"
+                " WHERE id = ?",
+                [(used, key_id) for key_id, used in last_used.items()],
+            )
+            totals: dict[tuple[int, str, int], int] = {}
+            for (key_id, span, period), delta in counter_deltas.items():
+                rows = await conn.execute_fetchall(
+                    "INSERT INTO rate_counters (api_key_id, span, period, hits)"
+                    " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?)"
+                    " ON CONFLICT (api_key_id, span, period) DO UPDATE SET hits = hits + excluded.hits"
+                    " RETURNING hits",
+                    (key_id, span, period, delta, key_id),
+                )
+                for row in rows:
+                    totals[(key_id, span, period)] = int(row[0])
+            return totals
+
+        return await self._in_transaction(work)
+
+    async def prune_rate_counters(self, minute_before: int, day_before: int) -> None:
+        """Forget counters of windows that are over."""
+        await self._write_one(
+            "DELETE FROM rate_counters WHERE (span = 'minute' AND period < ?)"
+            " OR (span = 'day' AND period < ?)",
+            (minute_before, day_before),
+        )
+
+    async def get_rate_counters(self, key_id: int, minute: int, day: int) -> dict[str, int]:
+        """Stored hits of a key in the given minute and day, as {'minute': n, 'day': n}."""
+        rows = await self._read_all(
+            "SELECT span, hits FROM rate_counters WHERE api_key_id = ?"
+            " AND ((span = 'minute' AND period = ?) OR (span = 'day' AND period = ?))",
+            (key_id, minute, day),
+        )
+        return {str(row["span"]): int(row["hits"]) for row in rows}
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    async def insert_session(self, values: tuple[Any, ...]) -> int:
+        """Insert a token: (token, org_id, api_key_id, game_id, stream_id, external_ref,
+        metadata, created_at, expires_at); returns the session id."""
+        rows = await self._write_one(
+            "INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
+            " metadata, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            values,
+        )
+        return int(rows[0][0])
+
+    async def get_session(self, token: bytes) -> sqlite3.Row | None:
+        return await self._read_one(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token = ?", (token,)
+        )
+
+    async def consume_session(
+        self, token: bytes, player_uuid: str | None, now: int
+    ) -> sqlite3.Row | None:
+        """Atomically mark an active, unexpired token consumed; None when it was not."""
+        rows = await self._write_one(
+            "UPDATE sessions SET status = 'consumed', consumed_at = ?, player_uuid = ?"
+            " WHERE token = ? AND status = 'active' AND expires_at > ?"
+            f" RETURNING {SESSION_COLUMNS}",
+            (now, player_uuid, token, now),
+        )
+        return rows[0] if rows else None
+
+
+# --- synchronous operations for the CLI ---------------------------------------------------------
+
+
+def create_org(
+    conn: sqlite3.Connection, name: str, tier: str, external_id: str | None, now: int
+) -> sqlite3.Row:
+    return conn.execute(
+        "INSERT INTO orgs (name, tier, external_id, created_at) VALUES (?, ?, ?, ?)"
+        " RETURNING id, name, tier, external_id, created_at",
+        (name, tier, external_id, now),
+    ).fetchone()
+
+
+def list_orgs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT o.id, o.name, o.tier, o.external_id, o.created_at,"
+        " (SELECT count(*) FROM org_members m WHERE m.org_id = o.id) AS members,"
+        " (SELECT count(*) FROM api_keys k WHERE k.org_id = o.id) AS api_keys"
+        " FROM orgs o ORDER BY o.id"
+    ).fetchall()
+
+
+def set_org_tier(conn: sqlite3.Connection, org_id: int, tier: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "UPDATE orgs SET tier = ? WHERE id = ? RETURNING id, name, tier, external_id, created_at",
+        (tier, org_id),
+    ).fetchone()
+
+
+def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
+    return conn.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,)).fetchone() is not None
+
+
+def upsert_member(
+    conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int
+) -> sqlite3.Row:
+    return conn.execute(
+        "INSERT INTO org_members (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role"
+        " RETURNING org_id, user_id, role, created_at",
+        (org_id, user_id, role, now),
+    ).fetchone()
+
+
+def delete_member(conn: sqlite3.Connection, org_id: int, user_id: str) -> bool:
+    cursor = conn.execute(
+        "DELETE FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+    )
+    return cursor.rowcount > 0
+
+
+def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT org_id, user_id, role, created_at FROM org_members WHERE org_id = ?"
+        " ORDER BY user_id",
+        (org_id,),
+    ).fetchall()
+
+
+def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...]) -> sqlite3.Row:
+    """Insert one key; `values` follows INSERT_API_KEY's column order."""
+    return conn.execute(INSERT_API_KEY, values).fetchone()

@@ -1,0 +1,214 @@
+"""Strict request parsing: bounded JSON bodies, query parameters and typed fields.
+
+Every function here raises ApiError with a 4xx status and a message naming the offending part;
+nothing a client sends can get past them as anything but the declared type.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+
+from .errors import ApiError
+
+MAX_INT63 = 2**63 - 1
+MAX_ID_LIST = 1000
+MAX_METADATA_DEPTH = 32
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object; 413 past max_bytes (without reading it all)."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "request body must be JSON: send Content-Type: application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "invalid Content-Length header")
+        if int(declared) > max_bytes:
+            raise ApiError(413, f"request body is larger than the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"request body is larger than the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ApiError(400, "request body is required: a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not valid UTF-8") from None
+    try:
+        body = json.loads(
+            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+        )
+        # Lone surrogates (\ud800) parse but cannot be stored as UTF-8 text.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body contains an invalid \\u escape (lone surrogate)") from None
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {_short(exc)}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _short(exc: ValueError) -> str:
+    message = str(exc)
+    return message if len(message) <= 120 else message[:117] + "..."
+
+
+def check_fields(body: Mapping[str, Any], allowed: Iterable[str], required: Iterable[str] = ()) -> None:
+    """400 for the first unknown field, then for the first missing required one."""
+    allowed = set(allowed)
+    for name in body:
+        if name not in allowed:
+            raise ApiError(400, f"unknown field '{_printable(name)}'")
+    for name in required:
+        if name not in body:
+            raise ApiError(400, f"'{name}' is required")
+
+
+def _printable(name: str) -> str:
+    shown = name if len(name) <= 64 else name[:61] + "..."
+    return shown.encode("unicode_escape").decode("ascii")
+
+
+def query_params(request: Request, allowed: Iterable[str]) -> dict[str, str]:
+    """Query parameters as a dict; 400 for a repeated or an unknown parameter."""
+    allowed = set(allowed)
+    params: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name in params:
+            raise ApiError(400, f"query parameter '{_printable(name)}' is given more than once")
+        params[name] = value
+    for name in params:
+        if name not in allowed:
+            raise ApiError(400, f"unknown query parameter '{_printable(name)}'")
+    return params
+
+
+def positive_int(value: Any, name: str, maximum: int = MAX_INT63) -> int:
+    """A JSON integer in 1..maximum (booleans and floats are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ApiError(400, f"'{name}' must be an integer from 1 to {maximum}")
+    return value
+
+
+def query_positive_int(params: Mapping[str, str], name: str) -> int:
+    """A required query parameter holding a positive integer that fits in 63 bits."""
+    text = params.get(name)
+    if text is None or text == "":
+        raise ApiError(400, f"query parameter '{name}' is required")
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or not 1 <= int(text) <= MAX_INT63:
+        raise ApiError(400, f"query parameter '{name}' must be an integer from 1 to {MAX_INT63}")
+    return int(text)
+
+
+def optional_positive_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    return None if value is None else positive_int(value, name)
+
+
+def text(value: Any, name: str, max_length: int, *, required: bool = False) -> str | None:
+    """A string of at most max_length characters; when required, present and not blank."""
+    if value is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be a string")
+    if len(value) > max_length:
+        raise ApiError(400, f"'{name}' must be at most {max_length} characters")
+    if required and not value.strip():
+        raise ApiError(400, f"'{name}' must not be empty")
+    return value
+
+
+def boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false")
+    return value
+
+
+def id_list(value: Any, name: str) -> list[int] | None:
+    """null (no restriction) or an array of positive integers, returned sorted and unique."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ApiError(400, f"'{name}' must be an array of positive integers or null")
+    if len(value) > MAX_ID_LIST:
+        raise ApiError(400, f"'{name}' may hold at most {MAX_ID_LIST} ids")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_INT63:
+            raise ApiError(400, f"'{name}' must be an array of positive integers or null")
+    return sorted(set(value))
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, stopping once it passes limit."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        current, level = stack.pop()
+        if isinstance(current, dict | list):
+            deepest = max(deepest, level)
+            if deepest > limit:
+                return deepest
+            children = current.values() if isinstance(current, dict) else current
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def metadata_json(value: Any, name: str, max_bytes: int) -> str | None:
+    """A JSON object serialized compactly, at most max_bytes of UTF-8 and 32 levels deep."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{name}' must be a JSON object")
+    if _depth(value, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+        raise ApiError(400, f"'{name}' is nested more than {MAX_METADATA_DEPTH} levels deep")
+    serialized = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    size = len(serialized.encode("utf-8"))
+    if size > max_bytes:
+        raise ApiError(400, f"'{name}' is {size} bytes serialized; the limit is {max_bytes}")
+    return serialized
+
+
+def session_token(value: Any, name: str = "token") -> bytes:
+    """A session token (UUID text, any case, with hyphens) as its 16 bytes."""
+    if value is None or value == "":
+        raise ApiError(400, f"'{name}' is required")
+    if not isinstance(value, str) or len(value) != 36:
+        raise ApiError(400, f"'{name}' must be a UUID like 123e4567-e89b-42d3-a456-426614174000")
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise ApiError(
+            400, f"'{name}' must be a UUID like 123e4567-e89b-42d3-a456-426614174000"
+        ) from None
+    if str(parsed) != value.lower():
+        raise ApiError(400, f"'{name}' must be a UUID like 123e4567-e89b-42d3-a456-426614174000")
+    return parsed.bytes

@@ -1,0 +1,175 @@
+"""API keys: generation, argon2id hashing, and verification with a bounded digest cache.
+
+A raw key is `dpk_` + 40 lowercase hex characters (160 random bits). Only its argon2id hash and
+its first 8 characters (`key_prefix`, for people and for finding candidate rows) are stored.
+Verifying costs one argon2 hash the first time a process sees a key; after that a SHA-256 digest
+of the raw key maps to the key id in memory, and the key's row is still read on every request so
+that revocation, deletion and expiry take effect at once in every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from .db import Database
+
+KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
+PREFIX_LENGTH = 8
+
+# argon2-cffi's defaults are RFC 9106's low-memory profile (argon2id, t=3, m=64 MiB, p=4).
+_hasher = PasswordHasher()
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when no stored key has the prefix, so that an unknown prefix costs the
+    same argon2 time as a wrong secret and the two cannot be told apart by timing."""
+    return _hasher.hash("dpk_" + "0" * 40)
+
+
+def generate_api_key() -> str:
+    """A new raw key: `dpk_` + 40 lowercase hex characters."""
+    return "dpk_" + secrets.token_hex(20)
+
+
+def key_prefix(raw_key: str) -> str:
+    return raw_key[:PREFIX_LENGTH]
+
+
+def hash_api_key(raw_key: str) -> str:
+    """The argon2id hash stored for a key."""
+    return _hasher.hash(raw_key)
+
+
+def is_well_formed(raw_key: str) -> bool:
+    return KEY_PATTERN.fullmatch(raw_key) is not None
+
+
+def _verify_candidates(raw_key: str, candidates: list[tuple[int, str]]) -> tuple[int, str] | None:
+    """Runs in a worker thread: the (id, hash) whose argon2 hash matches raw_key, if any."""
+    if not candidates:
+        try:
+            _hasher.verify(_dummy_hash(), raw_key)
+        except VerificationError:
+            pass
+        return None
+    for key_id, stored_hash in candidates:
+        try:
+            if _hasher.verify(stored_hash, raw_key):
+                return key_id, stored_hash
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            continue
+    return None
+
+
+_FAILED = object()
+
+
+class KeyVerificationError(RuntimeError):
+    """A verification this request was waiting on failed (e.g. the database was unavailable)."""
+
+
+@dataclass(frozen=True)
+class VerifiedKey:
+    key_id: int
+    key_hash: str
+
+
+class _BoundedCache:
+    """A small LRU map with optional entry lifetime."""
+
+    def __init__(self, max_entries: int, ttl_seconds: float | None = None):
+        self._entries: OrderedDict[bytes, tuple[float, object]] = OrderedDict()
+        self._max = max_entries
+        self._ttl = ttl_seconds
+
+    def get(self, key: bytes) -> object | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        stored_at, value = entry
+        if self._ttl is not None and time.monotonic() - stored_at > self._ttl:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: object) -> None:
+        self._entries[key] = (time.monotonic(), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ApiKeyVerifier:
+    """Maps raw keys to key ids, paying for argon2 at most once per key per process."""
+
+    def __init__(self, db: Database, max_entries: int = 10_000, negative_ttl_seconds: float = 600):
+        self._db = db
+        self._known = _BoundedCache(max_entries)
+        # Keys that failed verification; a raw key is random, so it cannot become valid later
+        # except with negligible probability, and the TTL bounds even that.
+        self._rejected = _BoundedCache(max_entries, ttl_seconds=negative_ttl_seconds)
+        self._pending: dict[bytes, asyncio.Future[object]] = {}
+        self.argon2_verifications = 0  # how many times this process ran argon2 (for tests/bench)
+
+    async def verify(self, raw_key: str) -> VerifiedKey | None:
+        """The key's id and stored hash if raw_key is a key we issued, else None."""
+        if not is_well_formed(raw_key):
+            return None
+        digest = hashlib.sha256(raw_key.encode("ascii")).digest()
+        known = self._known.get(digest)
+        if isinstance(known, VerifiedKey):
+            return known
+        if self._rejected.get(digest) is not None:
+            return None
+        pending = self._pending.get(digest)
+        if pending is not None:
+            # Concurrent first requests with the same key share one argon2 verification.
+            outcome = await asyncio.shield(pending)
+            if outcome is _FAILED:
+                raise KeyVerificationError("API key verification failed; try again")
+            return outcome  # type: ignore[return-value]
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[digest] = future
+        try:
+            result = await self._verify_uncached(raw_key)
+        except BaseException:
+            future.set_result(_FAILED)
+            raise
+        finally:
+            self._pending.pop(digest, None)
+        if result is None:
+            self._rejected.put(digest, True)
+        else:
+            self._known.put(digest, result)
+        future.set_result(result)
+        return result
+
+    async def _verify_uncached(self, raw_key: str) -> VerifiedKey | None:
+        rows = await self._db.find_api_key_hashes(key_prefix(raw_key))
+        candidates = [(int(row["id"]), str(row["key_hash"])) for row in rows]
+        self.argon2_verifications += max(1, len(candidates))
+        match = await asyncio.to_thread(_verify_candidates, raw_key, candidates)
+        return None if match is None else VerifiedKey(*match)
+
+    def forget(self, raw_key: str) -> None:
+        """Drop a key from both caches (used when its stored row no longer matches)."""
+        digest = hashlib.sha256(raw_key.encode("ascii")).digest()
+        self._known.discard(digest)

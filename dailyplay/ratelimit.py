@@ -1,0 +1,247 @@
+"""Rate limits: per API key (per minute and per UTC day) and per client IP for public operations.
+
+Counting happens in process with the `limits` library (fixed windows aligned to the clock: the
+window's number is part of the counter's identity). Per-key counts are also added up in the
+database by a background flush about once a second, and read back when a process first sees a
+key in a window, so a restart does not hand out a fresh quota and several worker processes
+share one quota (each may overshoot by what the others admitted since their last flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import FixedWindowRateLimiter
+
+from .clock import now_ms as current_ms
+from .db import Database
+from .errors import ApiError
+
+log = logging.getLogger("dailyplay.ratelimit")
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+SPANS = {"minute": MINUTE_MS, "day": DAY_MS}
+
+
+@dataclass(frozen=True)
+class WindowState:
+    limit: int
+    remaining: int
+    reset_ms: int  # when the window ends
+
+
+def rate_limit_headers(state: WindowState, now_ms: int) -> dict[str, str]:
+    """X-RateLimit-* headers (Reset in epoch seconds) for the tightest window."""
+    return {
+        "X-RateLimit-Limit": str(state.limit),
+        "X-RateLimit-Remaining": str(state.remaining),
+        "X-RateLimit-Reset": str(-(-state.reset_ms // 1000)),
+    }
+
+
+def _retry_after(reset_ms: int, now_ms: int) -> str:
+    return str(max(1, -(-(reset_ms - now_ms) // 1000)))
+
+
+class _Window:
+    """One clock-aligned fixed window of a given span for a limit amount."""
+
+    def __init__(self, span: str, amount: int, now_ms: int):
+        self.span = span
+        self.length_ms = SPANS[span]
+        self.period = now_ms // self.length_ms
+        self.reset_ms = (self.period + 1) * self.length_ms
+        self.item: RateLimitItem = (
+            RateLimitItemPerMinute(amount) if span == "minute" else RateLimitItemPerDay(amount)
+        )
+
+    def identifiers(self, subject: str) -> tuple[str, str]:
+        return subject, str(self.period)
+
+    def expiry_seconds(self, now_ms: int) -> float:
+        return (self.reset_ms - now_ms) / 1000 + 1
+
+
+@dataclass
+class _Unflushed:
+    hits: int
+    storage_key: str
+    window: _Window
+
+
+class KeyRateLimiter:
+    """Per-key limits from the key's row, persisted and shared through the database."""
+
+    def __init__(self, db: Database):
+        self._db = db
+        self._storage = MemoryStorage()
+        self._limiter = FixedWindowRateLimiter(self._storage)
+        self._seeded: set[str] = set()
+        self._seeding: dict[str, asyncio.Future[None]] = {}
+        self._unflushed: dict[tuple[int, str, int], _Unflushed] = {}
+        self._last_used: dict[int, int] = {}
+
+    async def _seed(self, key_id: int, windows: list[_Window], now_ms: int) -> None:
+        """Load what the database already counted for these windows, once per process."""
+        keys = {w.span: w.item.key_for(*w.identifiers(str(key_id))) for w in windows}
+        missing = [w for w in windows if keys[w.span] not in self._seeded]
+        if not missing:
+            return
+        marker = "|".join(keys[w.span] for w in missing)
+        pending = self._seeding.get(marker)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seeding[marker] = future
+        try:
+            by_span = {w.span: w for w in windows}
+            stored = await self._db.get_rate_counters(
+                key_id, by_span["minute"].period, by_span["day"].period
+            )
+            for window in missing:
+                hits = stored.get(window.span, 0)
+                if hits > 0:
+                    self._storage.incr(keys[window.span], window.expiry_seconds(now_ms), hits)
+                self._seeded.add(keys[window.span])
+        finally:
+            del self._seeding[marker]
+            future.set_result(None)
+
+    async def hit(self, key_id: int, per_minute: int, per_day: int, now_ms: int) -> WindowState:
+        """Count one request; ApiError 429 (nothing counted) when either window is exhausted."""
+        windows = [_Window("minute", per_minute, now_ms), _Window("day", per_day, now_ms)]
+        await self._seed(key_id, windows, now_ms)
+        subject = str(key_id)
+        for window in windows:
+            if not self._limiter.test(window.item, *window.identifiers(subject)):
+                which = "per-minute" if window.span == "minute" else "per-day"
+                raise ApiError(
+                    429,
+                    f"rate limit exceeded: this API key's {which} limit of "
+                    f"{window.item.amount} requests is used up",
+                    headers={
+                        "Retry-After": _retry_after(window.reset_ms, now_ms),
+                        **rate_limit_headers(
+                            WindowState(window.item.amount, 0, window.reset_ms), now_ms
+                        ),
+                    },
+                )
+        states = []
+        for window in windows:
+            identifiers = window.identifiers(subject)
+            self._limiter.hit(window.item, *identifiers)
+            storage_key = window.item.key_for(*identifiers)
+            entry = self._unflushed.setdefault(
+                (key_id, window.span, window.period), _Unflushed(0, storage_key, window)
+            )
+            entry.hits += 1
+            used = self._storage.get(storage_key)
+            states.append(
+                WindowState(window.item.amount, max(0, window.item.amount - used), window.reset_ms)
+            )
+        return min(states, key=lambda s: s.remaining)
+
+    def note_used(self, key_id: int, now_ms: int) -> None:
+        """Remember that a key was used; stored by the next flush, not per request."""
+        self._last_used[key_id] = now_ms
+
+    async def flush(self, now_ms: int) -> None:
+        """Add this process's counts to the database and catch up with other processes'."""
+        unflushed, self._unflushed = self._unflushed, {}
+        last_used, self._last_used = self._last_used, {}
+        if not unflushed and not last_used:
+            return
+        deltas = {slot: entry.hits for slot, entry in unflushed.items()}
+        try:
+            totals = await self._db.record_key_usage(last_used, deltas)
+        except BaseException:
+            # Keep the counts for the next attempt.
+            for slot, entry in unflushed.items():
+                current = self._unflushed.setdefault(
+                    slot, _Unflushed(0, entry.storage_key, entry.window)
+                )
+                current.hits += entry.hits
+            for key_id, used in last_used.items():
+                self._last_used[key_id] = max(used, self._last_used.get(key_id, 0))
+            raise
+        for slot, total in totals.items():
+            entry = unflushed[slot]
+            local = self._storage.get(entry.storage_key)
+            if total > local and entry.window.reset_ms > now_ms:
+                self._storage.incr(
+                    entry.storage_key, entry.window.expiry_seconds(now_ms), total - local
+                )
+
+    async def prune(self, now_ms: int) -> None:
+        """Delete stored counters of windows that ended, and forget their seeding marks."""
+        await self._db.prune_rate_counters(
+            now_ms // MINUTE_MS - 1, now_ms // DAY_MS - 1
+        )
+        if len(self._seeded) > 100_000:
+            self._seeded.clear()
+
+
+class PublicRateLimiter:
+    """Requests per client IP per minute for the unauthenticated operations (0: unlimited)."""
+
+    def __init__(self, per_minute: int):
+        self._per_minute = per_minute
+        self._storage = MemoryStorage()
+        self._limiter = FixedWindowRateLimiter(self._storage)
+
+    def hit(self, client_ip: str, now_ms: int) -> None:
+        if self._per_minute <= 0:
+            return
+        window = _Window("minute", self._per_minute, now_ms)
+        identifiers = window.identifiers(client_ip)
+        if not self._limiter.hit(window.item, *identifiers):
+            raise ApiError(
+                429,
+                f"rate limit exceeded: at most {self._per_minute} requests per minute from one "
+                "client address",
+                headers={
+                    "Retry-After": _retry_after(window.reset_ms, now_ms),
+                    **rate_limit_headers(WindowState(self._per_minute, 0, window.reset_ms), now_ms),
+                },
+            )
+
+
+async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:
+    """Flush key usage every `interval` seconds until cancelled; prune about once a minute."""
+    ticks = 0
+    while True:
+        await asyncio.sleep(interval)
+        ticks += 1
+        try:
+            now = current_ms()
+            await limiter.flush(now)
+            if ticks % 60 == 0:
+                await limiter.prune(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("storing API key usage failed; will retry")
+
+
+@contextlib.asynccontextmanager
+async def flushing(limiter: KeyRateLimiter, interval: float = 1.0) -> AsyncIterator[None]:
+    """Run the flusher in the background; flush once more on the way out."""
+    task = asyncio.create_task(run_flusher(limiter, interval))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            await limiter.flush(current_ms())
+        except Exception:
+            log.exception("storing API key usage at shutdown failed")

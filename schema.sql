@@ -1,0 +1,71 @@
+-- DailyPlay schema, version 1.
+-- Applied by `dailyplay init-db` and at server start inside one BEGIN IMMEDIATE transaction,
+-- together with `PRAGMA user_version = 1`. Times are integer milliseconds since the Unix epoch, UTC.
+
+CREATE TABLE IF NOT EXISTS orgs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT    NOT NULL CHECK (length(name) BETWEEN 1 AND 255),
+    tier        TEXT    NOT NULL DEFAULT 'free' CHECK (tier IN ('free', 'business')),
+    external_id TEXT    UNIQUE,            -- Clerk organization id (org_...), matched to JWT claims
+    created_at  INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS org_members (
+    org_id     INTEGER NOT NULL REFERENCES orgs (id) ON DELETE CASCADE,
+    user_id    TEXT    NOT NULL,           -- JWT `sub` (Clerk user id)
+    role       TEXT    NOT NULL CHECK (role IN ('admin', 'member')),
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (org_id, user_id)
+) WITHOUT ROWID;
+
+-- AUTOINCREMENT: a key id is never reused, so a verified-key cache entry can never come to
+-- point at a newer key after a delete.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id                    INTEGER PRIMARY KEY AUTOINCREMENT,
+    org_id                INTEGER NOT NULL REFERENCES orgs (id),
+    name                  TEXT    NOT NULL,
+    description           TEXT,
+    key_prefix            TEXT    NOT NULL,           -- first 8 characters, for people and lookup
+    key_hash              TEXT    NOT NULL,           -- argon2id; the raw key is never stored
+    is_active             INTEGER NOT NULL DEFAULT 1 CHECK (is_active IN (0, 1)),
+    allowed_game_ids      TEXT,                       -- JSON array; NULL means every game
+    allowed_stream_ids    TEXT,                       -- JSON array; NULL means every stream
+    rate_limit_per_minute INTEGER NOT NULL CHECK (rate_limit_per_minute >= 1),
+    rate_limit_per_day    INTEGER NOT NULL CHECK (rate_limit_per_day >= 1),
+    expires_at            INTEGER,
+    created_at            INTEGER NOT NULL,
+    updated_at            INTEGER NOT NULL,
+    last_used_at          INTEGER
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_org ON api_keys (org_id);
+CREATE INDEX IF NOT EXISTS api_keys_by_prefix ON api_keys (key_prefix);
+
+CREATE TABLE IF NOT EXISTS sessions (
+    id           INTEGER PRIMARY KEY,
+    token        BLOB    NOT NULL UNIQUE CHECK (length(token) = 16),   -- UUID v4, 16 bytes
+    org_id       INTEGER NOT NULL REFERENCES orgs (id),
+    api_key_id   INTEGER REFERENCES api_keys (id) ON DELETE SET NULL,
+    game_id      INTEGER,
+    stream_id    INTEGER,
+    external_ref TEXT,
+    metadata     TEXT,                                   -- JSON object
+    status       TEXT    NOT NULL DEFAULT 'active'
+                         CHECK (status IN ('active', 'consumed', 'revoked')),
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    consumed_at  INTEGER,
+    revoked_at   INTEGER,
+    player_uuid  TEXT
+);
+-- Revoking a key touches only its still-active tokens.
+CREATE INDEX IF NOT EXISTS sessions_active_by_key ON sessions (api_key_id) WHERE status = 'active';
+
+-- Requests counted against each key's per-minute and per-day limits, added up by every worker
+-- process, so that a restart or a second worker does not hand out a fresh quota.
+CREATE TABLE IF NOT EXISTS rate_counters (
+    api_key_id INTEGER NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE,
+    span       TEXT    NOT NULL CHECK (span IN ('minute', 'day')),
+    period     INTEGER NOT NULL,                         -- minutes or days since the epoch
+    hits       INTEGER NOT NULL,
+    PRIMARY KEY (api_key_id, span, period)
+) WITHOUT ROWID;
