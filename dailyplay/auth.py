@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from jwt.exceptions import InvalidSubjectError
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -130,6 +131,8 @@ class JwtVerifier:
             raise ApiError(401, "invalid bearer token: wrong audience") from None
         except jwt.MissingRequiredClaimError as exc:
             raise ApiError(401, f"invalid bearer token: missing claim '{exc.claim}'") from None
+        except InvalidSubjectError:
+            raise ApiError(401, "invalid bearer token: 'sub' must be a non-empty string") from None
         except jwt.InvalidSignatureError:
             raise ApiError(401, "invalid bearer token: bad signature") from None
         except (jwt.PyJWTError, ValueError, TypeError):

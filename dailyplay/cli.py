@@ -149,6 +149,8 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
     }
     for handler in log_config["handlers"].values():
         handler.setdefault("filters", []).append("redact_secrets")
+        # stdout carries the commands' JSON; logs go to stderr.
+        handler["stream"] = "ext://sys.stderr"
     log_config["loggers"]["dailyplay"] = {"handlers": ["default"], "level": level.upper()}
     return log_config
 

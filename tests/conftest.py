@@ -1,0 +1,327 @@
+"""Shared fixtures: settings on a fresh SQLite file, real signing keys, apps and servers."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio.from_thread
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from starlette.applications import Starlette
+
+from dailyplay import config, db
+from dailyplay.app import create_app
+from dailyplay.clock import now_ms
+
+API = "/api/org-api-keys"
+
+
+@dataclass
+class SigningKey:
+    private: Any
+    public_pem: bytes
+    algorithm: str
+    kid: str
+
+    def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
+        return jwt.encode(
+            claims, self.private, algorithm=self.algorithm, headers={"kid": self.kid, **(headers or {})}
+        )
+
+
+def _public_pem(private: Any) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> SigningKey:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return SigningKey(private, _public_pem(private), "RS256", "rsa-1")
+
+
+@pytest.fixture(scope="session")
+def other_rsa_key() -> SigningKey:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return SigningKey(private, _public_pem(private), "RS256", "rsa-2")
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> SigningKey:
+    private = ec.generate_private_key(ec.SECP256R1())
+    return SigningKey(private, _public_pem(private), "ES256", "ec-1")
+
+
+def claims_for(user: str, lifetime: int = 300, **extra: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": user, "iat": now, "exp": now + lifetime, **extra}
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, rsa_key: SigningKey) -> Callable[..., config.Settings]:
+    """Settings on tmp_path's database, verifying JWTs with rsa_key; sections overridable."""
+    pem = tmp_path / "jwt-public.pem"
+    pem.write_bytes(rsa_key.public_pem)
+
+    def build(**sections: dict[str, Any]) -> config.Settings:
+        settings = config.Settings()
+        settings = settings.replace("database", path=str(tmp_path / "dailyplay.db"))
+        settings = settings.replace("auth", jwt_public_key=str(pem))
+        for section, values in sections.items():
+            settings = settings.replace(section, **values)
+        return settings
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., config.Settings]) -> config.Settings:
+    return make_settings()
+
+
+class AppClient:
+    """A synchronous httpx client for the ASGI app in this process, its lifespan entered.
+
+    httpx's ASGITransport does not run the lifespan, so this enters it on an event loop in a
+    background thread and sends every request there.
+    """
+
+    def __init__(self, app: Starlette, client_ip: str = "198.51.100.7"):
+        self.app = app
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self._lifespan = app.router.lifespan_context(app)
+        self.portal.call(self._lifespan.__aenter__)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=(client_ip, 40000))
+        self._client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self.portal.call(functools.partial(self._client.request, method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def patch(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PATCH", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
+
+    def close(self) -> None:
+        try:
+            self.portal.call(self._client.aclose)
+            self.portal.call(self._lifespan.__aexit__, None, None, None)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+
+
+@contextlib.contextmanager
+def running_app(settings: config.Settings, client_ip: str = "198.51.100.7") -> Iterator[AppClient]:
+    client = AppClient(create_app(settings), client_ip)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def client(settings: config.Settings) -> Iterator[AppClient]:
+    with running_app(settings) as test_client:
+        yield test_client
+
+
+# --- data set up the way an operator would (the CLI's own functions) ----------------------------
+
+
+def add_org(
+    settings: config.Settings,
+    name: str = "Acme Games",
+    tier: str = "business",
+    external_id: str | None = None,
+    members: dict[str, str] | None = None,
+) -> int:
+    conn = db.connect(settings.database)
+    with db.transaction(conn):
+        org_id = int(db.create_org(conn, name, tier, external_id, now_ms())["id"])
+        for user, role in (members or {}).items():
+            db.upsert_member(conn, org_id, user, role, now_ms())
+    conn.close()
+    return org_id
+
+
+def sql(settings: config.Settings, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Run one statement on the database file directly (to look, or to set up a state)."""
+    conn = db.connect(settings.database)
+    try:
+        return [tuple(row) for row in conn.execute(statement, params).fetchall()]
+    finally:
+        conn.close()
+
+
+@dataclass
+class World:
+    """A Business org with an admin and a member, a bearer for each, and helpers."""
+
+    client: AppClient
+    settings: config.Settings
+    org_id: int
+    admin: str
+    member: str
+    signing: SigningKey
+
+    def bearer(self, user: str | None = None, **claims: Any) -> dict[str, str]:
+        token = self.signing.sign(claims_for(user or self.admin, **claims))
+        return {"authorization": f"Bearer {token}"}
+
+    def create_key(self, expect: int = 200, **fields: Any) -> dict[str, Any]:
+        body = {"org_id": self.org_id, "name": "CRM", **fields}
+        response = self.client.post(API, json=body, headers=self.bearer())
+        assert response.status_code == expect, response.text
+        return response.json()["data"] if expect == 200 else response.json()
+
+    def create_session(self, key: str, **body: Any) -> httpx.Response:
+        return self.client.post(
+            f"{API}?action=create-session", json=body or {"game_id": 42}, headers={"x-api-key": key}
+        )
+
+    def token(self, key: str, **body: Any) -> str:
+        response = self.create_session(key, **body)
+        assert response.status_code == 200, response.text
+        return str(response.json()["data"]["token"])
+
+
+@pytest.fixture
+def world(client: AppClient, settings: config.Settings, rsa_key: SigningKey) -> World:
+    org_id = add_org(settings, members={"user_admin": "admin", "user_member": "member"})
+    return World(client, settings, org_id, "user_admin", "user_member", rsa_key)
+
+
+@pytest.fixture
+def api_key(world: World) -> str:
+    return str(world.create_key()["key"])
+
+
+def assert_error(response: httpx.Response, status: int, fragment: str = "") -> None:
+    """An error in the one JSON shape, with the status and a message containing fragment."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["success"] is False
+    assert set(body) == {"success", "error"}
+    assert isinstance(body["error"], str) and body["error"]
+    assert fragment.lower() in body["error"].lower(), body["error"]
+
+
+# --- a real `dailyplay serve` process ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(settings: config.Settings, path: Path) -> Path:
+    from dailyplay.demo import write_config as write
+
+    write(settings, path)
+    return path
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def dailyplay_command() -> list[str]:
+    return [sys.executable, "-m", "dailyplay"]
+
+
+@contextlib.contextmanager
+def serve(settings: config.Settings, tmp_path: Path, workers: int = 1) -> Iterator[Server]:
+    """Start `dailyplay serve` on a free port; stop it with SIGTERM (SIGKILL if it hangs)."""
+    port = free_port()
+    cfg = write_config(settings.replace("server", port=port, workers=workers), tmp_path / f"serve-{port}.toml")
+    log_path = tmp_path / f"serve-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*dailyplay_command(), "serve", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_serving(server)
+        yield server
+    finally:
+        stop(process)
+
+
+def wait_until_serving(server: Server, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{server.log()}")
+        try:
+            httpx.get(f"{server.url}{API}?action=validate-session", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"server did not start:\n{server.log()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    return subprocess.run(
+        [*dailyplay_command(), *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def cli_json(*args: str, **kwargs: Any) -> Any:
+    result = run_cli(*args, **kwargs)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
