@@ -56,7 +56,9 @@ def ok(data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
 # --- who is calling -----------------------------------------------------------------------------
 
 
-def client_ip(request: Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+def client_ip(
+    request: Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str:
     """The caller's address; X-Forwarded-For is believed only from trusted proxies."""
     peer = request.client.host if request.client else "unknown"
     if not trusted:
@@ -180,12 +182,8 @@ async def create_session(services: Services, request: Request, params: dict[str,
             if minutes is None
             else inputs.positive_int(minutes, "expires_in_minutes", sessions.max_expires_minutes)
         )
-        if game_id is not None and key.allowed_game_ids is not None:
-            if game_id not in key.allowed_game_ids:
-                raise ApiError(403, f"this API key may not create sessions for game {game_id}")
-        if stream_id is not None and key.allowed_stream_ids is not None:
-            if stream_id not in key.allowed_stream_ids:
-                raise ApiError(403, f"this API key may not create sessions for stream {stream_id}")
+        _check_allowed(game_id, key.allowed_game_ids, "game")
+        _check_allowed(stream_id, key.allowed_stream_ids, "stream")
         token = uuid.uuid4()
         expires_at = now + minutes * 60_000
         await services.db.insert_session(
@@ -216,6 +214,12 @@ async def create_session(services: Services, request: Request, params: dict[str,
     )
 
 
+def _check_allowed(value: int | None, allowed: list[int] | None, what: str) -> None:
+    """403 when the key has an allow-list for this kind of id and value is not on it."""
+    if value is not None and allowed is not None and value not in allowed:
+        raise ApiError(403, f"this API key may not create sessions for {what} {value}")
+
+
 def _session_status(row: sqlite3.Row, now: int) -> str:
     status = str(row["status"])
     if status == "active" and row["expires_at"] <= now:
@@ -227,7 +231,9 @@ def _metadata(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-async def validate_session(services: Services, request: Request, params: dict[str, str]) -> Response:
+async def validate_session(
+    services: Services, request: Request, params: dict[str, str]
+) -> Response:
     now = now_ms()
     services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
     if "token" not in params:
@@ -316,7 +322,8 @@ def _future_time(value: Any, name: str, now: int) -> int | None:
         moment = ms_from_iso(value)
     except (ValueError, OverflowError):
         raise ApiError(
-            400, f"'{name}' must be an ISO 8601 date-time with a timezone, e.g. 2027-01-01T00:00:00Z"
+            400,
+            f"'{name}' must be an ISO 8601 date-time with a timezone, e.g. 2027-01-01T00:00:00Z",
         ) from None
     if moment <= now:
         raise ApiError(400, f"'{name}' must be in the future")
@@ -356,7 +363,9 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
     await require_org_role(services.db, principal, org_id, need_admin=True)
     org = await services.db.get_org(org_id)
     if org is None or org["tier"] != "business":
-        raise ApiError(403, f"organization {org_id} is not on the Business tier, which API keys need")
+        raise ApiError(
+            403, f"organization {org_id} is not on the Business tier, which API keys need"
+        )
     now = now_ms()
     name = inputs.text(body["name"], "name", MAX_NAME, required=True)
     description = inputs.text(body.get("description"), "description", MAX_DESCRIPTION)

@@ -28,10 +28,17 @@ from .ratelimit import KeyRateLimiter, PublicRateLimiter, flushing
 
 log = logging.getLogger("dailyplay")
 
-RATE_LIMIT_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+RATE_LIMIT_HEADERS = [
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The JSON error envelope used for every non-2xx answer."""
     return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
 
@@ -74,7 +81,9 @@ class RedactSecretsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(self._redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(
+                self._redact(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
         if isinstance(record.msg, str):
             record.msg = self._redact(record.msg)
         return True

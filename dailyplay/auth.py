@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from jwt.exceptions import InvalidSubjectError
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.exceptions import InvalidSubjectError
 
 from .config import AuthSettings, ConfigError
 from .db import Database
@@ -71,7 +71,9 @@ class JwtVerifier:
             try:
                 self._static_key = load_pem_public_key(path.read_bytes())
             except OSError as exc:
-                raise ConfigError(f"cannot read auth.jwt_public_key {path}: {exc.strerror}") from None
+                raise ConfigError(
+                    f"cannot read auth.jwt_public_key {path}: {exc.strerror}"
+                ) from None
             except ValueError:
                 raise ConfigError(f"auth.jwt_public_key {path} is not a PEM public key") from None
             self._static_alg = _algorithm_for_key(self._static_key)
@@ -92,8 +94,9 @@ class JwtVerifier:
         """The principal of a valid token; ApiError 401 (or 503 if the JWKS is unreachable)."""
         if not self.configured:
             raise ApiError(
-                401, "bearer authentication is not configured on this server (auth.jwks_url or "
-                "auth.jwt_public_key)"
+                401,
+                "bearer authentication is not configured on this server (auth.jwks_url or "
+                "auth.jwt_public_key)",
             )
         if not token or len(token) > MAX_TOKEN_BYTES:
             raise ApiError(401, "invalid bearer token")
@@ -110,7 +113,10 @@ class JwtVerifier:
             key, algorithms = await self._jwks_key(header)
         if alg not in algorithms:
             raise ApiError(401, "invalid bearer token: algorithm does not match the signing key")
-        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": bool(self.settings.audience)}
+        options: dict[str, Any] = {
+            "require": ["exp", "sub"],
+            "verify_aud": bool(self.settings.audience),
+        }
         try:
             claims = jwt.decode(
                 token,
@@ -173,12 +179,14 @@ class JwtVerifier:
                 keys = await asyncio.to_thread(client.get_signing_keys, refresh)
             except jwt.PyJWKClientConnectionError:
                 raise ApiError(
-                    503, "cannot reach the JWKS endpoint to verify the bearer token; try again",
+                    503,
+                    "cannot reach the JWKS endpoint to verify the bearer token; try again",
                     headers={"Retry-After": "5"},
                 ) from None
             except (jwt.PyJWTError, ValueError, TypeError, KeyError):
                 raise ApiError(
-                    503, "the JWKS endpoint returned an invalid key set",
+                    503,
+                    "the JWKS endpoint returned an invalid key set",
                     headers={"Retry-After": "5"},
                 ) from None
             if not refresh and self._last_refresh == 0.0:

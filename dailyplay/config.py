@@ -60,7 +60,9 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class SessionSettings:
-    default_expires_minutes: int = _setting(1440, "token lifetime when expires_in_minutes is absent")
+    default_expires_minutes: int = _setting(
+        1440, "token lifetime when expires_in_minutes is absent"
+    )
     max_expires_minutes: int = _setting(MAX_EXPIRES_MINUTES, "largest expires_in_minutes accepted")
 
 
@@ -223,8 +225,10 @@ def _check_ranges(s: Settings) -> None:
     )
 
 
-def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from a TOML file (path, else $DAILYPLAY_CONFIG, else defaults) plus env overrides."""
+def load(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from TOML (path, else $DAILYPLAY_CONFIG, else defaults) plus env overrides."""
     env = os.environ if env is None else env
     raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
     source = "defaults"

@@ -326,8 +326,7 @@ class Database:
 
         async def work(conn: aiosqlite.Connection) -> dict[tuple[int, str, int], int]:
             await conn.executemany(
-                "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?)"
-                " WHERE id = ?",
+                "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
                 [(used, key_id) for key_id, used in last_used.items()],
             )
             totals: dict[tuple[int, str, int], int] = {}
@@ -335,7 +334,8 @@ class Database:
                 rows = await conn.execute_fetchall(
                     "INSERT INTO rate_counters (api_key_id, span, period, hits)"
                     " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?)"
-                    " ON CONFLICT (api_key_id, span, period) DO UPDATE SET hits = hits + excluded.hits"
+                    " ON CONFLICT (api_key_id, span, period)"
+                    " DO UPDATE SET hits = hits + excluded.hits"
                     " RETURNING hits",
                     (key_id, span, period, delta, key_id),
                 )

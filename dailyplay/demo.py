@@ -93,8 +93,20 @@ def prepare_demo(
     raw_key = generate_api_key()
     key_row = db.insert_api_key(
         conn,
-        (org_id, "demo key", "made by dailyplay demo", key_prefix(raw_key),
-         hash_api_key(raw_key), None, None, 60, 10_000, None, now, now),
+        (
+            org_id,
+            "demo key",
+            "made by dailyplay demo",
+            key_prefix(raw_key),
+            hash_api_key(raw_key),
+            None,
+            None,
+            60,
+            10_000,
+            None,
+            now,
+            now,
+        ),
     )
     conn.close()
     bearer = jwt.encode(
@@ -141,11 +153,11 @@ def demo_curl_lines(org_id: int, key_id: int) -> dict[str, str]:
     """Copy-paste curl lines; they read the URL, key and JWT from DP_URL, DP_KEY and DP_JWT."""
     json_header = "-H 'content-type: application/json'"
     auth = '-H "authorization: Bearer $DP_JWT"'
-    extract = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"data\"][\"token\"])'"
+    extract = 'python3 -c \'import json,sys; print(json.load(sys.stdin)["data"]["token"])\''
     create = (
         'curl -s -X POST "$DP_URL?action=create-session" -H "x-api-key: $DP_KEY" '
         f"{json_header}"
-        " -d '{\"game_id\": 42, \"external_ref\": \"player-1\", \"metadata\": {\"campaign\": \"demo\"}}'"
+        ' -d \'{"game_id": 42, "external_ref": "player-1", "metadata": {"campaign": "demo"}}\''
     )
     return {
         "create_session": create,
@@ -153,16 +165,16 @@ def demo_curl_lines(org_id: int, key_id: int) -> dict[str, str]:
         "validate_session": 'curl -s "$DP_URL?action=validate-session&token=$TOKEN"',
         "consume_session": (
             f'curl -s -X POST "$DP_URL?action=consume-session" {json_header}'
-            " -d '{\"token\": \"'$TOKEN'\", \"player_uuid\": \"player-1\"}'"
+            ' -d \'{"token": "\'$TOKEN\'", "player_uuid": "player-1"}\''
         ),
         "list_api_keys": f'curl -s "$DP_URL?org_id={org_id}" {auth}',
         "create_api_key": (
             f'curl -s -X POST "$DP_URL" {auth} {json_header}'
-            f" -d '{{\"org_id\": {org_id}, \"name\": \"CRM\", \"allowed_game_ids\": [42]}}'"
+            f' -d \'{{"org_id": {org_id}, "name": "CRM", "allowed_game_ids": [42]}}\''
         ),
         "revoke_api_key": (
             f'curl -s -X PATCH "$DP_URL" {auth} {json_header}'
-            f" -d '{{\"id\": {key_id}, \"org_id\": {org_id}, \"is_active\": false}}'"
+            f' -d \'{{"id": {key_id}, "org_id": {org_id}, "is_active": false}}\''
         ),
         "delete_api_key": f'curl -s -X DELETE "$DP_URL?id={key_id}&org_id={org_id}" {auth}',
     }

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 
 
 class ApiError(Exception):
-    """An error a client caused (or a 5xx we chose), answered as {"success": false, "error": ...}."""
+    """A client's error (or a chosen 5xx), answered as {"success": false, "error": message}."""
 
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
-

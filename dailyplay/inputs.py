@@ -68,7 +68,9 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
     except UnicodeEncodeError:
-        raise ApiError(400, "request body contains an invalid \\u escape (lone surrogate)") from None
+        raise ApiError(
+            400, "request body contains an invalid \\u escape (lone surrogate)"
+        ) from None
     except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {_short(exc)}") from None
     if not isinstance(body, dict):
@@ -81,7 +83,9 @@ def _short(exc: ValueError) -> str:
     return message if len(message) <= 120 else message[:117] + "..."
 
 
-def check_fields(body: Mapping[str, Any], allowed: Iterable[str], required: Iterable[str] = ()) -> None:
+def check_fields(
+    body: Mapping[str, Any], allowed: Iterable[str], required: Iterable[str] = ()
+) -> None:
     """400 for the first unknown field, then for the first missing required one."""
     allowed = set(allowed)
     for name in body:

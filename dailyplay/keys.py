@@ -10,6 +10,7 @@ that revocation, deletion and expiry take effect at once in every worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import re
@@ -58,10 +59,8 @@ def is_well_formed(raw_key: str) -> bool:
 def _verify_candidates(raw_key: str, candidates: list[tuple[int, str]]) -> tuple[int, str] | None:
     """Runs in a worker thread: the (id, hash) whose argon2 hash matches raw_key, if any."""
     if not candidates:
-        try:
+        with contextlib.suppress(VerificationError):
             _hasher.verify(_dummy_hash(), raw_key)
-        except VerificationError:
-            pass
         return None
     for key_id, stored_hash in candidates:
         try:

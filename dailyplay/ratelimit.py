@@ -182,9 +182,7 @@ class KeyRateLimiter:
 
     async def prune(self, now_ms: int) -> None:
         """Delete stored counters of windows that ended, and forget their seeding marks."""
-        await self._db.prune_rate_counters(
-            now_ms // MINUTE_MS - 1, now_ms // DAY_MS - 1
-        )
+        await self._db.prune_rate_counters(now_ms // MINUTE_MS - 1, now_ms // DAY_MS - 1)
         if len(self._seeded) > 100_000:
             self._seeded.clear()
 

@@ -40,7 +40,10 @@ class SigningKey:
 
     def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
         return jwt.encode(
-            claims, self.private, algorithm=self.algorithm, headers={"kid": self.kid, **(headers or {})}
+            claims,
+            self.private,
+            algorithm=self.algorithm,
+            headers={"kid": self.kid, **(headers or {})},
         )
 
 
@@ -108,7 +111,9 @@ class AppClient:
         self.portal = self._portal_cm.__enter__()
         self._lifespan = app.router.lifespan_context(app)
         self.portal.call(self._lifespan.__aenter__)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=(client_ip, 40000))
+        transport = httpx.ASGITransport(
+            app=app, raise_app_exceptions=False, client=(client_ip, 40000)
+        )
         self._client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -132,7 +137,6 @@ class AppClient:
             self.portal.call(self._lifespan.__aexit__, None, None, None)
         finally:
             self._portal_cm.__exit__(None, None, None)
-
 
 
 @contextlib.contextmanager
@@ -266,7 +270,9 @@ def dailyplay_command() -> list[str]:
 def serve(settings: config.Settings, tmp_path: Path, workers: int = 1) -> Iterator[Server]:
     """Start `dailyplay serve` on a free port; stop it with SIGTERM (SIGKILL if it hangs)."""
     port = free_port()
-    cfg = write_config(settings.replace("server", port=port, workers=workers), tmp_path / f"serve-{port}.toml")
+    cfg = write_config(
+        settings.replace("server", port=port, workers=workers), tmp_path / f"serve-{port}.toml"
+    )
     log_path = tmp_path / f"serve-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
     with log_path.open("wb") as log:
@@ -308,7 +314,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
     return subprocess.run(
         [*dailyplay_command(), *args],

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import API, World, add_org, assert_error, running_app, sql
 
 HIDDEN = {"key", "key_hash"}
@@ -16,8 +15,12 @@ HIDDEN = {"key", "key_hash"}
 
 def test_create_returns_the_raw_key_once_and_stores_only_argon2id(world: World) -> None:
     data = world.create_key(
-        name="Production CRM", description="issues game links", allowed_game_ids=[43, 42, 42],
-        allowed_stream_ids=None, rate_limit_per_minute=5, rate_limit_per_day=100,
+        name="Production CRM",
+        description="issues game links",
+        allowed_game_ids=[43, 42, 42],
+        allowed_stream_ids=None,
+        rate_limit_per_minute=5,
+        rate_limit_per_day=100,
         expires_at="2099-01-01T00:00:00Z",
     )
     raw = data["key"]
@@ -28,7 +31,9 @@ def test_create_returns_the_raw_key_once_and_stores_only_argon2id(world: World) 
     assert data["rate_limit_per_minute"] == 5 and data["rate_limit_per_day"] == 100
     assert data["expires_at"] == "2099-01-01T00:00:00.000Z"
     assert data["is_active"] is True and data["org_id"] == world.org_id
-    stored = sql(world.settings, "SELECT key_hash, key_prefix FROM api_keys WHERE id = ?", (data["id"],))
+    stored = sql(
+        world.settings, "SELECT key_hash, key_prefix FROM api_keys WHERE id = ?", (data["id"],)
+    )
     key_hash, prefix = stored[0]
     assert key_hash.startswith("$argon2id$") and raw not in key_hash and prefix == raw[:8]
 
@@ -56,7 +61,9 @@ def test_listing_never_shows_the_secret(world: World) -> None:
 
 def test_database_file_never_contains_a_raw_key(settings, rsa_key) -> None:
     with running_app(settings) as client:
-        world = World(client, settings, add_org(settings, members={"a": "admin"}), "a", "a", rsa_key)
+        world = World(
+            client, settings, add_org(settings, members={"a": "admin"}), "a", "a", rsa_key
+        )
         keys = [world.create_key()["key"] for _ in range(3)]
         for key in keys:
             world.token(key)
@@ -117,8 +124,11 @@ def test_create_rejects_bad_input(world: World, body: dict, status: int, fragmen
 
 def test_create_needs_business_tier(world: World) -> None:
     sql(world.settings, "UPDATE orgs SET tier = 'free'")
-    assert_error(world.client.post(API, json={"org_id": world.org_id, "name": "x"},
-                                   headers=world.bearer()), 403, "business")
+    assert_error(
+        world.client.post(API, json={"org_id": world.org_id, "name": "x"}, headers=world.bearer()),
+        403,
+        "business",
+    )
     assert sql(world.settings, "SELECT count(*) FROM api_keys") == [(0,)]
 
 
@@ -128,9 +138,15 @@ def test_update_changes_the_mutable_fields(world: World) -> None:
     response = world.client.patch(
         API,
         json={
-            "id": key["id"], "org_id": world.org_id, "name": "renamed", "description": "d",
-            "allowed_game_ids": [1], "allowed_stream_ids": [2, 3], "rate_limit_per_minute": 7,
-            "rate_limit_per_day": 70, "expires_at": future,
+            "id": key["id"],
+            "org_id": world.org_id,
+            "name": "renamed",
+            "description": "d",
+            "allowed_game_ids": [1],
+            "allowed_stream_ids": [2, 3],
+            "rate_limit_per_minute": 7,
+            "rate_limit_per_day": 70,
+            "expires_at": future,
         },
         headers=world.bearer(),
     )
@@ -141,8 +157,13 @@ def test_update_changes_the_mutable_fields(world: World) -> None:
     assert data["rate_limit_per_minute"] == 7 and data["rate_limit_per_day"] == 70
     assert data["expires_at"] is not None and not HIDDEN & set(data)
     cleared = world.client.patch(
-        API, json={"id": key["id"], "org_id": world.org_id, "expires_at": None,
-                   "allowed_game_ids": None},
+        API,
+        json={
+            "id": key["id"],
+            "org_id": world.org_id,
+            "expires_at": None,
+            "allowed_game_ids": None,
+        },
         headers=world.bearer(),
     ).json()["data"]
     assert cleared["expires_at"] is None and cleared["allowed_game_ids"] is None
@@ -165,26 +186,42 @@ def test_update_changes_the_mutable_fields(world: World) -> None:
 def test_update_rejects_bad_input(world: World, extra: dict, fragment: str) -> None:
     key = world.create_key()
     before = sql(world.settings, "SELECT * FROM api_keys")
-    response = world.client.patch(API, json={"id": key["id"], "org_id": world.org_id, **extra},
-                                  headers=world.bearer())
+    response = world.client.patch(
+        API, json={"id": key["id"], "org_id": world.org_id, **extra}, headers=world.bearer()
+    )
     assert_error(response, 400, fragment)
     assert sql(world.settings, "SELECT * FROM api_keys") == before
 
 
 def test_update_and_delete_need_id_and_org(world: World) -> None:
-    assert_error(world.client.patch(API, json={"org_id": world.org_id, "name": "x"},
-                                    headers=world.bearer()), 400, "'id' is required")
-    assert_error(world.client.patch(API, json={"id": 1, "name": "x"}, headers=world.bearer()),
-                 400, "'org_id' is required")
-    assert_error(world.client.delete(f"{API}?org_id={world.org_id}", headers=world.bearer()),
-                 400, "'id' is required")
+    assert_error(
+        world.client.patch(API, json={"org_id": world.org_id, "name": "x"}, headers=world.bearer()),
+        400,
+        "'id' is required",
+    )
+    assert_error(
+        world.client.patch(API, json={"id": 1, "name": "x"}, headers=world.bearer()),
+        400,
+        "'org_id' is required",
+    )
+    assert_error(
+        world.client.delete(f"{API}?org_id={world.org_id}", headers=world.bearer()),
+        400,
+        "'id' is required",
+    )
     assert_error(world.client.delete(f"{API}?id=1", headers=world.bearer()), 400, "org_id")
-    assert_error(world.client.delete(f"{API}?id=abc&org_id={world.org_id}", headers=world.bearer()),
-                 400, "'id' must be")
+    assert_error(
+        world.client.delete(f"{API}?id=abc&org_id={world.org_id}", headers=world.bearer()),
+        400,
+        "'id' must be",
+    )
     assert_error(world.client.get(API, headers=world.bearer()), 400, "org_id")
     assert_error(world.client.get(f"{API}?org_id=-3", headers=world.bearer()), 400, "org_id")
-    assert_error(world.client.get(f"{API}?org_id=99999999999999999999", headers=world.bearer()),
-                 400, "org_id")
+    assert_error(
+        world.client.get(f"{API}?org_id=99999999999999999999", headers=world.bearer()),
+        400,
+        "org_id",
+    )
 
 
 def test_key_of_another_org_is_404_and_untouched(world: World, settings) -> None:
@@ -194,30 +231,46 @@ def test_key_of_another_org_is_404_and_untouched(world: World, settings) -> None
     sql(settings, "DELETE FROM org_members WHERE org_id = ? AND user_id = ?", (other, world.admin))
     before = sql(settings, "SELECT * FROM api_keys")
     # The admin of world.org_id names their own org but the other org's key id.
-    response = world.client.patch(API, json={"id": theirs["id"], "org_id": world.org_id,
-                                             "is_active": False}, headers=world.bearer())
+    response = world.client.patch(
+        API,
+        json={"id": theirs["id"], "org_id": world.org_id, "is_active": False},
+        headers=world.bearer(),
+    )
     assert_error(response, 404, "not found")
-    response = world.client.delete(f"{API}?id={theirs['id']}&org_id={world.org_id}",
-                                   headers=world.bearer())
+    response = world.client.delete(
+        f"{API}?id={theirs['id']}&org_id={world.org_id}", headers=world.bearer()
+    )
     assert_error(response, 404, "not found")
     assert sql(settings, "SELECT * FROM api_keys") == before
     assert world.create_session(theirs["key"]).status_code == 200
 
 
 def test_unknown_key_id_is_404(world: World) -> None:
-    assert_error(world.client.patch(API, json={"id": 999, "org_id": world.org_id, "name": "x"},
-                                    headers=world.bearer()), 404, "API key 999")
-    assert_error(world.client.delete(f"{API}?id=999&org_id={world.org_id}", headers=world.bearer()),
-                 404, "API key 999")
+    assert_error(
+        world.client.patch(
+            API, json={"id": 999, "org_id": world.org_id, "name": "x"}, headers=world.bearer()
+        ),
+        404,
+        "API key 999",
+    )
+    assert_error(
+        world.client.delete(f"{API}?id=999&org_id={world.org_id}", headers=world.bearer()),
+        404,
+        "API key 999",
+    )
 
 
 def test_delete_removes_the_key(world: World) -> None:
     key = world.create_key()
-    response = world.client.delete(f"{API}?id={key['id']}&org_id={world.org_id}", headers=world.bearer())
+    response = world.client.delete(
+        f"{API}?id={key['id']}&org_id={world.org_id}", headers=world.bearer()
+    )
     assert response.status_code == 200
     assert sql(world.settings, "SELECT count(*) FROM api_keys") == [(0,)]
-    assert_error(world.client.delete(f"{API}?id={key['id']}&org_id={world.org_id}",
-                                     headers=world.bearer()), 404)
+    assert_error(
+        world.client.delete(f"{API}?id={key['id']}&org_id={world.org_id}", headers=world.bearer()),
+        404,
+    )
 
 
 def test_key_ids_are_never_reused(world: World) -> None:
@@ -238,7 +291,9 @@ def test_last_used_at_is_recorded_without_a_write_per_request(world: World) -> N
     # ...but by the background flush, about a second later.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        listed = world.client.get(f"{API}?org_id={world.org_id}", headers=world.bearer()).json()["data"]
+        listed = world.client.get(f"{API}?org_id={world.org_id}", headers=world.bearer()).json()[
+            "data"
+        ]
         if listed[0]["last_used_at"] is not None:
             break
         time.sleep(0.2)

@@ -14,7 +14,6 @@ from typing import Any
 
 import jwt
 import pytest
-
 from conftest import (
     API,
     SigningKey,
@@ -33,12 +32,16 @@ def b64(data: bytes) -> str:
 
 def forge(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-    signature = b"" if secret is None else hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    signature = (
+        b"" if secret is None else hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    )
     return f"{signing_input}.{b64(signature)}"
 
 
 def list_keys(world: World, token: str) -> Any:
-    return world.client.get(f"{API}?org_id={world.org_id}", headers={"authorization": f"Bearer {token}"})
+    return world.client.get(
+        f"{API}?org_id={world.org_id}", headers={"authorization": f"Bearer {token}"}
+    )
 
 
 def test_a_valid_token_is_accepted(world: World, rsa_key: SigningKey) -> None:
@@ -65,8 +68,12 @@ def test_a_valid_token_is_accepted(world: World, rsa_key: SigningKey) -> None:
     ],
 )
 def test_jwt_attacks_are_401(
-    world: World, rsa_key: SigningKey, other_rsa_key: SigningKey, ec_key: SigningKey,
-    attack: str, fragment: str,
+    world: World,
+    rsa_key: SigningKey,
+    other_rsa_key: SigningKey,
+    ec_key: SigningKey,
+    attack: str,
+    fragment: str,
 ) -> None:
     good = claims_for(world.admin)
     now = int(time.time())
@@ -112,25 +119,47 @@ def test_missing_or_other_schemes_are_401(world: World, header: str) -> None:
 
 
 def test_issuer_and_authorized_parties(make_settings, rsa_key: SigningKey) -> None:
-    settings = make_settings(auth={"issuer": "https://clerk.example.com",
-                                   "authorized_parties": ["https://game.example.com"]})
+    settings = make_settings(
+        auth={
+            "issuer": "https://clerk.example.com",
+            "authorized_parties": ["https://game.example.com"],
+        }
+    )
     with running_app(settings) as client:
-        world = World(client, settings, add_org(settings, members={"u": "member"}), "u", "u", rsa_key)
+        world = World(
+            client, settings, add_org(settings, members={"u": "member"}), "u", "u", rsa_key
+        )
         base = {**claims_for("u"), "iss": "https://clerk.example.com"}
         assert list_keys(world, rsa_key.sign(base)).status_code == 200
-        assert list_keys(world, rsa_key.sign({**base, "azp": "https://game.example.com"})).status_code == 200
-        assert_error(list_keys(world, rsa_key.sign({**base, "iss": "https://evil.example.com"})), 401, "issuer")
+        assert (
+            list_keys(world, rsa_key.sign({**base, "azp": "https://game.example.com"})).status_code
+            == 200
+        )
+        assert_error(
+            list_keys(world, rsa_key.sign({**base, "iss": "https://evil.example.com"})),
+            401,
+            "issuer",
+        )
         no_iss = {k: v for k, v in base.items() if k != "iss"}
         assert_error(list_keys(world, rsa_key.sign(no_iss)), 401, "iss")
-        assert_error(list_keys(world, rsa_key.sign({**base, "azp": "https://evil.example.com"})), 401, "azp")
+        assert_error(
+            list_keys(world, rsa_key.sign({**base, "azp": "https://evil.example.com"})), 401, "azp"
+        )
 
 
 def test_audience_when_configured(make_settings, rsa_key: SigningKey) -> None:
     settings = make_settings(auth={"audience": "dailyplay"})
     with running_app(settings) as client:
-        world = World(client, settings, add_org(settings, members={"u": "member"}), "u", "u", rsa_key)
-        assert list_keys(world, rsa_key.sign({**claims_for("u"), "aud": "dailyplay"})).status_code == 200
-        assert_error(list_keys(world, rsa_key.sign({**claims_for("u"), "aud": "other"})), 401, "audience")
+        world = World(
+            client, settings, add_org(settings, members={"u": "member"}), "u", "u", rsa_key
+        )
+        assert (
+            list_keys(world, rsa_key.sign({**claims_for("u"), "aud": "dailyplay"})).status_code
+            == 200
+        )
+        assert_error(
+            list_keys(world, rsa_key.sign({**claims_for("u"), "aud": "other"})), 401, "audience"
+        )
         assert_error(list_keys(world, rsa_key.sign(claims_for("u"))), 401, "aud")
 
 
@@ -144,7 +173,9 @@ def test_es256_public_key(make_settings, ec_key: SigningKey, rsa_key: SigningKey
         assert_error(list_keys(world, rsa_key.sign(claims_for("u"))), 401, "algorithm")
 
 
-def test_no_auth_configured_refuses_every_bearer_request(make_settings, rsa_key: SigningKey) -> None:
+def test_no_auth_configured_refuses_every_bearer_request(
+    make_settings, rsa_key: SigningKey
+) -> None:
     settings = make_settings(auth={"jwt_public_key": ""})
     with running_app(settings) as client:
         org = add_org(settings, members={"u": "admin"})
@@ -152,7 +183,9 @@ def test_no_auth_configured_refuses_every_bearer_request(make_settings, rsa_key:
         for response in (
             client.get(f"{API}?org_id={org}", headers={"authorization": f"Bearer {token}"}),
             client.get(f"{API}?org_id={org}"),
-            client.post(API, json={"org_id": org, "name": "x"}, headers={"authorization": f"Bearer {token}"}),
+            client.post(
+                API, json={"org_id": org, "name": "x"}, headers={"authorization": f"Bearer {token}"}
+            ),
         ):
             assert_error(response, 401, "not configured")
         assert sql(settings, "SELECT count(*) FROM api_keys") == [(0,)]
@@ -202,7 +235,9 @@ def _headers(world: World, principal: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("principal", list(PRINCIPALS))
 @pytest.mark.parametrize("operation", ["list", "create", "patch", "delete"])
-def test_authorization_matrix(matrix_world: tuple[World, dict[str, Any]], principal: str, operation: str) -> None:
+def test_authorization_matrix(
+    matrix_world: tuple[World, dict[str, Any]], principal: str, operation: str
+) -> None:
     world, key = matrix_world
     user, _extra, may_list, may_manage = PRINCIPALS[principal]
     allowed = may_list if operation == "list" else may_manage
@@ -211,13 +246,17 @@ def test_authorization_matrix(matrix_world: tuple[World, dict[str, Any]], princi
     if operation == "list":
         response = world.client.get(f"{API}?org_id={world.org_id}", headers=headers)
     elif operation == "create":
-        response = world.client.post(API, json={"org_id": world.org_id, "name": "new"}, headers=headers)
+        response = world.client.post(
+            API, json={"org_id": world.org_id, "name": "new"}, headers=headers
+        )
     elif operation == "patch":
         response = world.client.patch(
             API, json={"id": key["id"], "org_id": world.org_id, "is_active": False}, headers=headers
         )
     else:
-        response = world.client.delete(f"{API}?id={key['id']}&org_id={world.org_id}", headers=headers)
+        response = world.client.delete(
+            f"{API}?id={key['id']}&org_id={world.org_id}", headers=headers
+        )
     if allowed:
         assert response.status_code == 200, response.text
         return
@@ -228,13 +267,22 @@ def test_authorization_matrix(matrix_world: tuple[World, dict[str, Any]], princi
 
 def test_unknown_org_is_403(world: World) -> None:
     assert_error(world.client.get(f"{API}?org_id=424242", headers=world.bearer()), 403, "424242")
-    assert_error(world.client.post(API, json={"org_id": 424242, "name": "x"}, headers=world.bearer()), 403)
+    assert_error(
+        world.client.post(API, json={"org_id": 424242, "name": "x"}, headers=world.bearer()), 403
+    )
 
 
 def test_removed_member_loses_access_at_once(world: World) -> None:
-    assert world.client.get(f"{API}?org_id={world.org_id}", headers=world.bearer(world.member)).status_code == 200
+    assert (
+        world.client.get(
+            f"{API}?org_id={world.org_id}", headers=world.bearer(world.member)
+        ).status_code
+        == 200
+    )
     sql(world.settings, "DELETE FROM org_members WHERE user_id = ?", (world.member,))
-    assert_error(world.client.get(f"{API}?org_id={world.org_id}", headers=world.bearer(world.member)), 403)
+    assert_error(
+        world.client.get(f"{API}?org_id={world.org_id}", headers=world.bearer(world.member)), 403
+    )
 
 
 # --- JWKS ---------------------------------------------------------------------------------------
@@ -271,7 +319,11 @@ class JwksServer:
     def publish(self, *keys: SigningKey) -> None:
         entries = []
         for key in keys:
-            jwk = json.loads(jwt.algorithms.get_default_algorithms()[key.algorithm].to_jwk(key.private.public_key()))
+            jwk = json.loads(
+                jwt.algorithms.get_default_algorithms()[key.algorithm].to_jwk(
+                    key.private.public_key()
+                )
+            )
             entries.append({**jwk, "kid": key.kid, "use": "sig", "alg": key.algorithm})
         self.body = json.dumps({"keys": entries}).encode()
 
@@ -289,12 +341,16 @@ def jwks() -> Iterator[JwksServer]:
 
 @pytest.fixture
 def jwks_world(make_settings, jwks: JwksServer, rsa_key: SigningKey) -> Iterator[World]:
-    settings = make_settings(auth={"jwt_public_key": "", "jwks_url": jwks.url, "jwks_timeout_seconds": 1})
+    settings = make_settings(
+        auth={"jwt_public_key": "", "jwks_url": jwks.url, "jwks_timeout_seconds": 1}
+    )
     with running_app(settings) as client:
         yield World(client, settings, add_org(settings, members={"u": "admin"}), "u", "u", rsa_key)
 
 
-def test_jwks_verifies_and_caches(jwks_world: World, jwks: JwksServer, rsa_key: SigningKey, ec_key: SigningKey) -> None:
+def test_jwks_verifies_and_caches(
+    jwks_world: World, jwks: JwksServer, rsa_key: SigningKey, ec_key: SigningKey
+) -> None:
     jwks.publish(rsa_key, ec_key)
     for signer in (rsa_key, ec_key, rsa_key):
         assert list_keys(jwks_world, signer.sign(claims_for("u"))).status_code == 200
@@ -310,7 +366,9 @@ def test_jwks_key_rotation_is_picked_up_without_restart(
     assert list_keys(jwks_world, rsa_key.sign(claims_for("u"))).status_code == 200
     jwks.publish(rsa_key, other_rsa_key)
     # An unknown kid refetches at most once per MIN_JWKS_REFRESH_SECONDS...
-    assert_error(list_keys(jwks_world, other_rsa_key.sign(claims_for("u"))), 401, "unknown signing key")
+    assert_error(
+        list_keys(jwks_world, other_rsa_key.sign(claims_for("u"))), 401, "unknown signing key"
+    )
     assert jwks.requests == 1
     # ...and once that interval has passed, the rotated key is fetched and accepted.
     monkeypatch.setattr(dailyplay.auth, "MIN_JWKS_REFRESH_SECONDS", 0.0)
@@ -318,7 +376,9 @@ def test_jwks_key_rotation_is_picked_up_without_restart(
     assert jwks.requests == 2
 
 
-def test_forged_kids_do_not_amplify_jwks_requests(jwks_world: World, jwks: JwksServer, rsa_key: SigningKey) -> None:
+def test_forged_kids_do_not_amplify_jwks_requests(
+    jwks_world: World, jwks: JwksServer, rsa_key: SigningKey
+) -> None:
     jwks.publish(rsa_key)
     assert list_keys(jwks_world, rsa_key.sign(claims_for("u"))).status_code == 200
     for i in range(20):
@@ -338,7 +398,9 @@ def test_forged_kids_do_not_amplify_jwks_requests(jwks_world: World, jwks: JwksS
         ("down", "cannot reach"),
     ],
 )
-def test_jwks_failures_fail_closed(jwks_world: World, jwks: JwksServer, rsa_key: SigningKey, setup: str, fragment: str) -> None:
+def test_jwks_failures_fail_closed(
+    jwks_world: World, jwks: JwksServer, rsa_key: SigningKey, setup: str, fragment: str
+) -> None:
     if setup == "garbage":
         jwks.body = b"<html>oops</html>"
     elif setup == "not_an_object":
@@ -362,6 +424,8 @@ def test_jwks_failures_fail_closed(jwks_world: World, jwks: JwksServer, rsa_key:
 
 def test_hs256_jwk_is_never_used(jwks_world: World, jwks: JwksServer) -> None:
     secret = b"shared-secret"
-    jwks.body = json.dumps({"keys": [{"kty": "oct", "k": b64(secret), "kid": "h", "alg": "HS256"}]}).encode()
+    jwks.body = json.dumps(
+        {"keys": [{"kty": "oct", "k": b64(secret), "kid": "h", "alg": "HS256"}]}
+    ).encode()
     token = forge({"alg": "HS256", "kid": "h"}, claims_for("u"), secret)
     assert_error(list_keys(jwks_world, token), 401)

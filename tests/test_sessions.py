@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pytest
-
 from conftest import API, World, add_org, assert_error, sql
 
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -17,7 +16,10 @@ ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 def test_create_session_returns_the_contract_fields(world: World, api_key: str) -> None:
     before = time.time()
     response = world.create_session(
-        api_key, game_id=42, external_ref="user-12345", metadata={"campaign": "summer"},
+        api_key,
+        game_id=42,
+        external_ref="user-12345",
+        metadata={"campaign": "summer"},
         expires_in_minutes=60,
     )
     assert response.status_code == 200
@@ -102,8 +104,18 @@ def test_expired_token_is_reported_and_cannot_be_consumed(world: World, api_key:
     assert sql(world.settings, "SELECT status FROM sessions") == [("active",)]
 
 
-@pytest.mark.parametrize("token", [None, "", "abc", "123e4567-e89b-42d3-a456-42661417400", "g" * 36,
-                                   "123e4567e89b42d3a456426614174000aaaa", "{123e4567-e89b-42d3-a456-42661417400}"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        None,
+        "",
+        "abc",
+        "123e4567-e89b-42d3-a456-42661417400",
+        "g" * 36,
+        "123e4567e89b42d3a456426614174000aaaa",
+        "{123e4567-e89b-42d3-a456-42661417400}",
+    ],
+)
 def test_malformed_token_is_400(world: World, token: str | None) -> None:
     url = f"{API}?action=validate-session" + ("" if token is None else f"&token={token}")
     assert_error(world.client.get(url), 400, "token")
@@ -158,7 +170,9 @@ def test_player_uuid_must_be_a_short_string(world: World, api_key: str) -> None:
         ({"game_id": 1, "color": "red"}, "unknown field 'color'"),
     ],
 )
-def test_create_session_rejects_bad_bodies(world: World, api_key: str, body: dict, fragment: str) -> None:
+def test_create_session_rejects_bad_bodies(
+    world: World, api_key: str, body: dict, fragment: str
+) -> None:
     response = world.client.post(
         f"{API}?action=create-session", json=body, headers={"x-api-key": api_key}
     )
@@ -168,7 +182,11 @@ def test_create_session_rejects_bad_bodies(world: World, api_key: str, body: dic
 
 def test_limits_of_the_ranges_are_accepted(world: World, api_key: str) -> None:
     data = world.create_session(
-        api_key, game_id=2**63 - 1, stream_id=1, expires_in_minutes=525600, external_ref="x" * 255,
+        api_key,
+        game_id=2**63 - 1,
+        stream_id=1,
+        expires_in_minutes=525600,
+        external_ref="x" * 255,
         metadata={"x": "y" * 8000},
     ).json()["data"]
     assert data["game_id"] == 2**63 - 1
@@ -189,7 +207,9 @@ def test_configured_expiry_maximum(make_settings, rsa_key) -> None:
 
     settings = make_settings(sessions={"max_expires_minutes": 60, "default_expires_minutes": 30})
     with running_app(settings) as client:
-        world = World(client, settings, add_org(settings, members={"a": "admin"}), "a", "a", rsa_key)
+        world = World(
+            client, settings, add_org(settings, members={"a": "admin"}), "a", "a", rsa_key
+        )
         key = world.create_key()["key"]
         assert_error(world.create_session(key, game_id=1, expires_in_minutes=61), 400, "60")
         data = world.create_session(key, game_id=1).json()["data"]
@@ -210,7 +230,9 @@ def test_configured_expiry_maximum(make_settings, rsa_key) -> None:
 )
 def test_create_session_rejects_bad_keys(world: World, header: str | None, fragment: str) -> None:
     headers = {} if header is None else {"x-api-key": header}
-    response = world.client.post(f"{API}?action=create-session", json={"game_id": 1}, headers=headers)
+    response = world.client.post(
+        f"{API}?action=create-session", json={"game_id": 1}, headers=headers
+    )
     assert_error(response, 401, fragment)
 
 
@@ -223,7 +245,8 @@ def test_wrong_secret_with_a_known_prefix_is_401(world: World, api_key: str) -> 
 def test_revoked_deleted_and_expired_keys_are_401(world: World) -> None:
     revoked = world.create_key()
     response = world.client.patch(
-        API, json={"id": revoked["id"], "org_id": world.org_id, "is_active": False},
+        API,
+        json={"id": revoked["id"], "org_id": world.org_id, "is_active": False},
         headers=world.bearer(),
     )
     assert response.status_code == 200
@@ -239,8 +262,11 @@ def test_revoked_deleted_and_expired_keys_are_401(world: World) -> None:
 
     expiring = world.create_key()
     assert world.create_session(expiring["key"]).status_code == 200
-    sql(world.settings, "UPDATE api_keys SET expires_at = ? WHERE id = ?",
-        (int(time.time() * 1000) - 1, expiring["id"]))
+    sql(
+        world.settings,
+        "UPDATE api_keys SET expires_at = ? WHERE id = ?",
+        (int(time.time() * 1000) - 1, expiring["id"]),
+    )
     assert_error(world.create_session(expiring["key"]), 401, "expired")
 
 
@@ -270,12 +296,19 @@ def test_revoking_a_key_revokes_its_live_tokens_for_good(world: World) -> None:
     used = world.token(key["key"])
     expired = world.token(key["key"])
     untouched = world.token(other["key"])
-    assert world.client.post(f"{API}?action=consume-session", json={"token": used}).status_code == 200
-    sql(world.settings, "UPDATE sessions SET expires_at = 1 WHERE token = ?", (uuid.UUID(expired).bytes,))
+    assert (
+        world.client.post(f"{API}?action=consume-session", json={"token": used}).status_code == 200
+    )
+    sql(
+        world.settings,
+        "UPDATE sessions SET expires_at = 1 WHERE token = ?",
+        (uuid.UUID(expired).bytes,),
+    )
 
     def patch(active: bool) -> dict:
         response = world.client.patch(
-            API, json={"id": key["id"], "org_id": world.org_id, "is_active": active},
+            API,
+            json={"id": key["id"], "org_id": world.org_id, "is_active": active},
             headers=world.bearer(),
         )
         assert response.status_code == 200, response.text
@@ -284,12 +317,19 @@ def test_revoking_a_key_revokes_its_live_tokens_for_good(world: World) -> None:
     assert patch(False)["revoked_sessions"] == 1
 
     def status(token: str) -> str:
-        return world.client.get(f"{API}?action=validate-session&token={token}").json()["data"]["status"]
+        return world.client.get(f"{API}?action=validate-session&token={token}").json()["data"][
+            "status"
+        ]
 
     assert [status(t) for t in (live, used, expired, untouched)] == [
-        "revoked", "consumed", "expired", "active"
+        "revoked",
+        "consumed",
+        "expired",
+        "active",
     ]
-    assert_error(world.client.post(f"{API}?action=consume-session", json={"token": live}), 410, "revoked")
+    assert_error(
+        world.client.post(f"{API}?action=consume-session", json={"token": live}), 410, "revoked"
+    )
     patch(True)
     assert status(live) == "revoked"
     assert world.create_session(key["key"]).status_code == 200
@@ -298,11 +338,15 @@ def test_revoking_a_key_revokes_its_live_tokens_for_good(world: World) -> None:
 def test_deleting_a_key_revokes_its_tokens_and_keeps_their_history(world: World) -> None:
     key = world.create_key()
     token = world.token(key["key"])
-    response = world.client.delete(f"{API}?id={key['id']}&org_id={world.org_id}", headers=world.bearer())
+    response = world.client.delete(
+        f"{API}?id={key['id']}&org_id={world.org_id}", headers=world.bearer()
+    )
     assert response.json()["data"] == {"id": key["id"], "deleted": True, "revoked_sessions": 1}
     data = world.client.get(f"{API}?action=validate-session&token={token}").json()["data"]
     assert data["status"] == "revoked"
-    assert_error(world.client.post(f"{API}?action=consume-session", json={"token": token}), 410, "revoked")
+    assert_error(
+        world.client.post(f"{API}?action=consume-session", json={"token": token}), 410, "revoked"
+    )
 
 
 def test_tokens_record_their_org(world: World, settings) -> None:

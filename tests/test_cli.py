@@ -1,0 +1,110 @@
+"""The CLI as an operator runs it: JSON on stdout, clear errors and non-zero exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import cli_json, run_cli
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"DAILYPLAY_DATABASE_PATH": str(tmp_path / "cli.db")}
+
+
+def test_init_db_creates_a_wal_database(env: dict[str, str], tmp_path: Path) -> None:
+    data = cli_json("init-db", env=env)
+    assert data["schema_version"] == 1 and data["journal_mode"] == "wal"
+    assert Path(data["database"]) == tmp_path / "cli.db"
+    assert cli_json("init-db", env=env)["schema_version"] == 1  # idempotent
+
+
+def test_org_and_member_lifecycle(env: dict[str, str]) -> None:
+    org = cli_json(
+        "org", "create", "--name", "Acme", "--tier", "business", "--external-id", "org_1", env=env
+    )
+    assert org["name"] == "Acme" and org["tier"] == "business" and org["external_id"] == "org_1"
+    free = cli_json("org", "create", "--name", "Free Co", env=env)
+    assert free["tier"] == "free"
+    assert [o["id"] for o in cli_json("org", "list", env=env)] == [org["id"], free["id"]]
+    assert (
+        cli_json("org", "set-tier", "--org", str(free["id"]), "--tier", "business", env=env)["tier"]
+        == "business"
+    )
+    member = cli_json(
+        "member", "add", "--org", str(org["id"]), "--user", "user_1", "--role", "admin", env=env
+    )
+    assert member["role"] == "admin"
+    assert (
+        cli_json("member", "add", "--org", str(org["id"]), "--user", "user_1", env=env)["role"]
+        == "member"
+    )
+    assert [m["user_id"] for m in cli_json("member", "list", "--org", str(org["id"]), env=env)] == [
+        "user_1"
+    ]
+    assert (
+        cli_json("member", "remove", "--org", str(org["id"]), "--user", "user_1", env=env)[
+            "removed"
+        ]
+        is True
+    )
+    assert cli_json("member", "list", "--org", str(org["id"]), env=env) == []
+
+
+def test_config_flag_is_accepted_everywhere(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[database]\npath = "{tmp_path / "flag.db"}"\n')
+    cli_json("--config", str(cfg), "org", "create", "--name", "A")
+    assert len(cli_json("org", "list", "--config", str(cfg))) == 1
+    assert (tmp_path / "flag.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["org", "set-tier", "--org", "99", "--tier", "free"], "organization 99 not found"),
+        (["member", "add", "--org", "99", "--user", "u"], "organization 99 not found"),
+        (["member", "remove", "--org", "1", "--user", "ghost"], "not a member"),
+        (["org", "create", "--name", ""], "name"),
+        (["org", "create", "--name", "x", "--tier", "gold"], "tier"),
+        (["member", "add", "--org", "abc", "--user", "u"], "--org"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_errors_exit_non_zero_with_a_message(
+    env: dict[str, str], args: list[str], fragment: str
+) -> None:
+    cli_json("org", "create", "--name", "Acme", env=env)
+    result = run_cli(*args, env=env)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_duplicate_external_id(env: dict[str, str]) -> None:
+    cli_json("org", "create", "--name", "A", "--external-id", "org_x", env=env)
+    result = run_cli("org", "create", "--name", "B", "--external-id", "org_x", env=env)
+    assert result.returncode == 1 and "already exists" in result.stderr
+
+
+def test_bad_config_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nport = 70000\n")
+    result = run_cli("--config", str(cfg), "org", "list")
+    assert result.returncode == 2 and "server.port" in result.stderr
+    result = run_cli(
+        "org", "list", env={"DAILYPLAY_DATABASE_PATH": str(tmp_path / "no" / "dir.db")}
+    )
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_python_dash_m_and_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("dailyplay ")
+
+
+def test_output_is_json(env: dict[str, str]) -> None:
+    result = run_cli("org", "list", env=env)
+    assert json.loads(result.stdout) == []

@@ -1,0 +1,228 @@
+"""Dispatch, the one error shape, bad bodies and CORS: every bad request is a clear 4xx."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from conftest import API, World, assert_error, running_app, sql
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "allow"),
+    [
+        ("GET", f"{API}?action=create-session", "POST"),
+        ("PUT", f"{API}?action=create-session", "POST"),
+        ("POST", f"{API}?action=validate-session", "GET"),
+        ("DELETE", f"{API}?action=validate-session", "GET"),
+        ("HEAD", f"{API}?action=validate-session", "GET"),
+        ("GET", f"{API}?action=consume-session", "POST"),
+        ("PUT", API, "GET, POST, PATCH, DELETE"),
+        ("OPTIONS", API, "GET, POST, PATCH, DELETE"),
+        ("TRACE", API, "GET, POST, PATCH, DELETE"),
+    ],
+)
+def test_wrong_method_is_405_with_an_accurate_allow(
+    world: World, method: str, url: str, allow: str
+) -> None:
+    response = world.client.request(method, url)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    if method != "HEAD":
+        assert_error(response, 405, "not allowed")
+
+
+@pytest.mark.parametrize(
+    "query", ["action=nope", "action=", "action=CREATE-SESSION", "action=create-session%00"]
+)
+def test_unknown_action_is_400(world: World, query: str) -> None:
+    assert_error(world.client.post(f"{API}?{query}", json={}), 400, "unknown action")
+
+
+def test_duplicated_query_parameters_are_400(world: World, api_key: str) -> None:
+    token = world.token(api_key)
+    assert_error(
+        world.client.get(f"{API}?action=validate-session&action=validate-session&token={token}"),
+        400,
+        "'action' is given more than once",
+    )
+    assert_error(
+        world.client.get(f"{API}?action=validate-session&token={token}&token={uuid.uuid4()}"),
+        400,
+        "'token' is given more than once",
+    )
+    assert_error(
+        world.client.get(f"{API}?org_id={world.org_id}&org_id=2", headers=world.bearer()),
+        400,
+        "'org_id' is given more than once",
+    )
+
+
+def test_unknown_query_parameters_are_400(world: World, api_key: str) -> None:
+    token = world.token(api_key)
+    assert_error(
+        world.client.get(f"{API}?action=validate-session&token={token}&debug=1"),
+        400,
+        "unknown query parameter 'debug'",
+    )
+    response = world.client.post(
+        f"{API}?action=create-session&game_id=1",
+        json={"game_id": 1},
+        headers={"x-api-key": api_key},
+    )
+    assert_error(response, 400, "unknown query parameter 'game_id'")
+    assert sql(world.settings, "SELECT count(*) FROM sessions") == [(1,)]
+
+
+def test_unknown_path_is_a_json_404(world: World) -> None:
+    for path in (
+        "/",
+        "/api",
+        "/api/org-api-keys/",
+        "/api/org-api-keys/1",
+        "/../etc/passwd",
+        "/%2e%2e/",
+    ):
+        assert_error(world.client.get(path), 404, "not found")
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "fragment"),
+    [
+        (b"", {"content-type": "application/json"}, 400, "required"),
+        (b"   ", {"content-type": "application/json"}, 400, "required"),
+        (b"{", {"content-type": "application/json"}, 400, "not valid JSON"),
+        (b"[1, 2]", {"content-type": "application/json"}, 400, "JSON object"),
+        (b'"text"', {"content-type": "application/json"}, 400, "JSON object"),
+        (b"null", {"content-type": "application/json"}, 400, "JSON object"),
+        (b'{"token": NaN}', {"content-type": "application/json"}, 400, "not valid JSON"),
+        (b'{"token": Infinity}', {"content-type": "application/json"}, 400, "not valid JSON"),
+        (
+            b'{"token": "a", "token": "b"}',
+            {"content-type": "application/json"},
+            400,
+            "duplicate key",
+        ),
+        (b'{"token": "\xff\xfe"}', {"content-type": "application/json"}, 400, "UTF-8"),
+        (b'{"token": "\\ud800"}', {"content-type": "application/json"}, 400, "surrogate"),
+        (b"[" * 100_00 + b"]" * 100_00, {"content-type": "application/json"}, 400, ""),
+        (
+            b'{"token": ' + b"9" * 5000 + b"}",
+            {"content-type": "application/json"},
+            400,
+            "not valid JSON",
+        ),
+        (b'{"token": "x"}', {"content-type": "text/plain"}, 415, "application/json"),
+        (b'{"token": "x"}', {}, 415, "application/json"),
+        (
+            b"token=x",
+            {"content-type": "application/x-www-form-urlencoded"},
+            415,
+            "application/json",
+        ),
+    ],
+)
+def test_bad_bodies_get_a_clear_4xx(
+    world: World, content: bytes, headers: dict, status: int, fragment: str
+) -> None:
+    response = world.client.post(f"{API}?action=consume-session", content=content, headers=headers)
+    assert_error(response, status, fragment)
+
+
+def test_json_content_type_with_charset_is_accepted(world: World, api_key: str) -> None:
+    token = world.token(api_key)
+    response = world.client.post(
+        f"{API}?action=consume-session",
+        content=f'{{"token": "{token}"}}'.encode(),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert response.status_code == 200
+
+
+def test_oversized_body_is_413_and_nothing_is_stored(world: World, api_key: str) -> None:
+    big = b'{"game_id": 1, "external_ref": "' + b"x" * 70_000 + b'"}'
+    response = world.client.post(
+        f"{API}?action=create-session",
+        content=big,
+        headers={"x-api-key": api_key, "content-type": "application/json"},
+    )
+    assert_error(response, 413, "65536")
+    assert sql(world.settings, "SELECT count(*) FROM sessions") == [(0,)]
+
+
+def test_oversized_streamed_body_without_length_is_413(world: World, api_key: str) -> None:
+    async def chunks():
+        for _ in range(100):
+            yield b"x" * 4096
+
+    response = world.client.post(
+        f"{API}?action=consume-session",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 413, "larger than")
+
+
+def test_configured_body_limit(make_settings) -> None:
+    settings = make_settings(limits={"max_body_bytes": 2048, "max_metadata_bytes": 1024})
+    with running_app(settings) as client:
+        response = client.post(
+            f"{API}?action=consume-session",
+            content=b"{" + b" " * 3000 + b"}",
+            headers={"content-type": "application/json"},
+        )
+        assert_error(response, 413, "2048")
+
+
+def test_errors_never_echo_secrets(world: World, api_key: str) -> None:
+    forged = api_key[:-1] + ("0" if api_key[-1] != "0" else "1")
+    for response in (
+        world.create_session(forged),
+        world.create_session(api_key, game_id=1, color="x"),
+        world.client.get(f"{API}?action=validate-session&token={api_key}"),
+    ):
+        assert response.status_code in (400, 401)
+        assert api_key not in response.text and forged not in response.text
+        assert api_key[8:20] not in response.text
+
+
+def test_cors_preflight_and_simple_requests(make_settings, rsa_key) -> None:
+    settings = make_settings(cors={"allow_origins": ["https://game.example.com"]})
+    with running_app(settings) as client:
+        preflight = client.request(
+            "OPTIONS",
+            f"{API}?action=consume-session",
+            headers={
+                "origin": "https://game.example.com",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://game.example.com"
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        refused = client.request(
+            "OPTIONS",
+            f"{API}?action=consume-session",
+            headers={"origin": "https://evil.example.com", "access-control-request-method": "POST"},
+        )
+        assert_error(refused, 400, "origin")
+        response = client.get(
+            f"{API}?action=validate-session&token={uuid.uuid4()}",
+            headers={"origin": "https://game.example.com"},
+        )
+        assert response.status_code == 404
+        assert response.headers["access-control-allow-origin"] == "https://game.example.com"
+        other = client.get(
+            f"{API}?action=validate-session&token={uuid.uuid4()}",
+            headers={"origin": "https://evil.example.com"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_no_cors_headers_unless_configured(world: World) -> None:
+    response = world.client.get(
+        f"{API}?action=validate-session&token={uuid.uuid4()}",
+        headers={"origin": "https://game.example.com"},
+    )
+    assert "access-control-allow-origin" not in response.headers

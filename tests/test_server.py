@@ -1,0 +1,271 @@
+"""End to end through a real `dailyplay serve` process, as users run it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import (
+    API,
+    SigningKey,
+    add_org,
+    claims_for,
+    dailyplay_command,
+    free_port,
+    serve,
+    sql,
+    stop,
+)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _consume_all(url: str, tokens: list[str], start_at: float, threads: int, queue) -> None:
+    """One OS process: `threads` threads, each consuming every token in its own random order."""
+    time.sleep(max(0.0, start_at - time.time()))
+
+    def consume_every_token(seed: int) -> list[tuple[str, int, str]]:
+        order = list(tokens)
+        random.Random(seed).shuffle(order)
+        with httpx.Client(timeout=30) as client:
+            results = []
+            for token in order:
+                response = client.post(f"{url}{API}?action=consume-session", json={"token": token})
+                results.append((token, response.status_code, response.text))
+            return results
+
+    with ThreadPoolExecutor(threads) as pool:
+        seeds = [random.randrange(2**32) for _ in range(threads)]
+        queue.put([row for rows in pool.map(consume_every_token, seeds) for row in rows])
+
+
+@pytest.fixture
+def admin_headers(settings, rsa_key: SigningKey) -> tuple[int, dict[str, str]]:
+    org = add_org(settings, members={"admin": "admin"})
+    return org, {"authorization": f"Bearer {rsa_key.sign(claims_for('admin', lifetime=600))}"}
+
+
+def test_full_flow_through_a_server_and_secrets_stay_out_of_its_log(
+    settings, tmp_path, admin_headers
+) -> None:
+    org, headers = admin_headers
+    with serve(settings, tmp_path) as server, httpx.Client(base_url=server.url) as http:
+        created = http.post(API, json={"org_id": org, "name": "CRM"}, headers=headers)
+        assert created.status_code == 200, created.text
+        key = created.json()["data"]["key"]
+        session = http.post(
+            f"{API}?action=create-session", json={"game_id": 42}, headers={"x-api-key": key}
+        )
+        assert session.status_code == 200
+        token = session.json()["data"]["token"]
+        assert (
+            http.get(f"{API}?action=validate-session&token={token}").json()["data"]["valid"] is True
+        )
+        consumed = http.post(f"{API}?action=consume-session", json={"token": token})
+        assert consumed.status_code == 200 and consumed.json()["data"]["org_id"] == org
+        again = http.post(f"{API}?action=consume-session", json={"token": token})
+        assert again.status_code == 410 and again.json()["success"] is False
+
+        # Chunked upload larger than the limit is refused without being read whole.
+        def chunks():
+            for _ in range(64):
+                yield b"x" * 4096
+
+        big = http.post(
+            f"{API}?action=consume-session",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert big.status_code == 413 and big.json()["success"] is False
+        missing = http.get("/nowhere")
+        assert missing.status_code == 404 and missing.json() == {
+            "success": False,
+            "error": "not found",
+        }
+    log = server.log()
+    assert "validate-session&token=[redacted]" in log
+    assert token not in log and key not in log and key[8:] not in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_each_token_is_consumed_exactly_once_across_processes(
+    settings, tmp_path, admin_headers, workers
+) -> None:
+    org, headers = admin_headers
+    settings = settings.replace("limits", public_per_minute=0)
+    tokens_wanted, processes, threads = 200, 4, 2
+    with (
+        serve(settings, tmp_path, workers=workers) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
+        key = http.post(
+            API,
+            json={
+                "org_id": org,
+                "name": "load",
+                "rate_limit_per_minute": 100000,
+                "rate_limit_per_day": 100000,
+            },
+            headers=headers,
+        ).json()["data"]["key"]
+        tokens = []
+        for _ in range(tokens_wanted):
+            response = http.post(
+                f"{API}?action=create-session", json={"game_id": 1}, headers={"x-api-key": key}
+            )
+            assert response.status_code == 200, response.text
+            tokens.append(response.json()["data"]["token"])
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        start_at = time.time() + 2.0
+        procs = [
+            ctx.Process(
+                target=_consume_all, args=(server.url, list(tokens), start_at, threads, queue)
+            )
+            for _ in range(processes)
+        ]
+        for proc in procs:
+            proc.start()
+        results = [row for _ in procs for row in queue.get(timeout=120)]
+        for proc in procs:
+            proc.join(timeout=30)
+    wins = Counter(token for token, status, _ in results if status == 200)
+    statuses = Counter(status for _, status, _ in results)
+    assert set(statuses) <= {200, 410}, [r for r in results if r[1] not in (200, 410)][:3]
+    assert len(results) == tokens_wanted * processes * threads
+    assert all(wins[token] == 1 for token in tokens), "a token was consumed twice or never"
+    assert statuses[200] == tokens_wanted
+    assert not any("locked" in text for _, _, text in results)
+    assert sql(settings, "SELECT count(*) FROM sessions WHERE status = 'consumed'") == [
+        (tokens_wanted,)
+    ]
+
+
+def test_demo_starts_on_a_fresh_directory_and_its_curl_lines_work(tmp_path) -> None:
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed for the demo's copy-paste lines (.ci/run installs it)")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    with (tmp_path / "demo.log").open("wb") as log:
+        process = subprocess.Popen(
+            [*dailyplay_command(), "demo", "--dir", str(tmp_path / "demo"), "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    try:
+        text = ""
+        info = None
+        assert process.stdout is not None
+        while info is None:
+            line = process.stdout.readline().decode()
+            assert line, "demo exited before printing its summary"
+            text += line
+            try:
+                info = json.loads(text)
+            except ValueError:
+                continue
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{info['url']}{API}?action=validate-session", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "demo server did not start"
+                time.sleep(0.1)
+        outputs = {}
+        script = "set -e\n" + "\n".join(
+            f"echo '=== {name}'\n{line}\necho" for name, line in info["curl"].items()
+        )
+        result = subprocess.run(
+            ["bash", "-c", script],
+            env={**env, **info["env"]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        current = None
+        for line in result.stdout.splitlines():
+            if line.startswith("=== "):
+                current = line[4:]
+            elif line.strip() and current:
+                outputs[current] = line
+        assert set(outputs) == set(info["curl"])
+        for name, output in outputs.items():
+            if name == "create_session_into_TOKEN":
+                assert len(output.strip()) == 36
+                continue
+            assert json.loads(output)["success"] is True, (name, output)
+    finally:
+        stop(process)  # type: ignore[arg-type]
+        assert process.stdout is not None
+        process.stdout.close()
+    assert process.returncode in (0, -15)
+    guide = (tmp_path / "demo.log").read_text()
+    assert "export DP_KEY=" in guide and "dailyplay serve --config" in guide
+
+
+def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> None:
+    dist = tmp_path / "dist"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(dist.glob("dailyplay-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dailyplay/schema.sql" in names and "dailyplay/config.toml" in names
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    env["PYTHONPATH"] = str(wheel)  # the wheel alone, not the source tree
+    result = subprocess.run(
+        [sys.executable, "-c", "import dailyplay, sys; print(dailyplay.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        check=True,
+    )
+    assert str(wheel) in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "dailyplay", "init-db"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env={**env, "DAILYPLAY_DATABASE_PATH": "here.db"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["schema_version"] == 1
