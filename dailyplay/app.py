@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -53,6 +54,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     messages = {404: "not found", 405: "method not allowed"}
     message = messages.get(exc.status_code, str(exc.detail))
     return error_response(exc.status_code, message, dict(exc.headers or {}))
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    # Another process held the write lock past database.busy_timeout_ms: the client may retry.
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "the database is busy; try again shortly", headers={"Retry-After": "1"}
+        )
+    return await _server_error(request, exc)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -146,6 +157,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
+            sqlite3.OperationalError: _database_error,
             Exception: _server_error,
         },
         lifespan=lifespan,

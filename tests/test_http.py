@@ -226,3 +226,29 @@ def test_no_cors_headers_unless_configured(world: World) -> None:
         headers={"origin": "https://game.example.com"},
     )
     assert "access-control-allow-origin" not in response.headers
+
+
+def test_a_database_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stored(
+    make_settings, rsa_key
+) -> None:
+    import sqlite3
+
+    from conftest import World, add_org
+
+    settings = make_settings(database={"busy_timeout_ms": 200})
+    with running_app(settings) as client:
+        world = World(
+            client, settings, add_org(settings, members={"a": "admin"}), "a", "a", rsa_key
+        )
+        key = world.create_key()["key"]
+        blocker = sqlite3.connect(settings.database.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        try:
+            response = world.create_session(key)
+            assert_error(response, 503, "busy")
+            assert response.headers["retry-after"] == "1"
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
+        assert world.create_session(key).status_code == 200
