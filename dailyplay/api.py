@@ -19,7 +19,7 @@ from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
-from .db import Database
+from .db import MUTABLE_KEY_COLUMNS, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
 from .ratelimit import KeyRateLimiter, PublicRateLimiter, WindowState, rate_limit_headers
@@ -161,7 +161,7 @@ def _json_list(text: str | None) -> list[int] | None:
 async def create_session(services: Services, request: Request, params: dict[str, str]) -> Response:
     now = now_ms()
     key = await authenticate_api_key(services, request, now)
-    headers = rate_limit_headers(key.rate, now)
+    headers = rate_limit_headers(key.rate)
     try:
         body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
         inputs.check_fields(
@@ -404,16 +404,7 @@ async def _hash_in_thread(raw_key: str) -> str:
 async def update_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
     principal = await authenticate_bearer(services, request)
     body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
-    mutable = (
-        "is_active",
-        "name",
-        "description",
-        "allowed_game_ids",
-        "allowed_stream_ids",
-        "rate_limit_per_minute",
-        "rate_limit_per_day",
-        "expires_at",
-    )
+    mutable = sorted(MUTABLE_KEY_COLUMNS)
     inputs.check_fields(body, ("id", "org_id", *mutable), required=("id", "org_id"))
     key_id = inputs.positive_int(body["id"], "id")
     org_id = inputs.positive_int(body["org_id"], "org_id")

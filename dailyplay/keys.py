@@ -112,9 +112,6 @@ class _BoundedCache:
     def discard(self, key: bytes) -> None:
         self._entries.pop(key, None)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 class ApiKeyVerifier:
     """Maps raw keys to key ids, paying for argon2 at most once per key per process."""
@@ -167,8 +164,3 @@ class ApiKeyVerifier:
         self.argon2_verifications += max(1, len(candidates))
         match = await asyncio.to_thread(_verify_candidates, raw_key, candidates)
         return None if match is None else VerifiedKey(*match)
-
-    def forget(self, raw_key: str) -> None:
-        """Drop a key from both caches (used when its stored row no longer matches)."""
-        digest = hashlib.sha256(raw_key.encode("ascii")).digest()
-        self._known.discard(digest)

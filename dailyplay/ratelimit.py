@@ -37,7 +37,7 @@ class WindowState:
     reset_ms: int  # when the window ends
 
 
-def rate_limit_headers(state: WindowState, now_ms: int) -> dict[str, str]:
+def rate_limit_headers(state: WindowState) -> dict[str, str]:
     """X-RateLimit-* headers (Reset in epoch seconds) for the tightest window."""
     return {
         "X-RateLimit-Limit": str(state.limit),
@@ -129,9 +129,7 @@ class KeyRateLimiter:
                     f"{window.item.amount} requests is used up",
                     headers={
                         "Retry-After": _retry_after(window.reset_ms, now_ms),
-                        **rate_limit_headers(
-                            WindowState(window.item.amount, 0, window.reset_ms), now_ms
-                        ),
+                        **rate_limit_headers(WindowState(window.item.amount, 0, window.reset_ms)),
                     },
                 )
         states = []
@@ -207,7 +205,7 @@ class PublicRateLimiter:
                 "client address",
                 headers={
                     "Retry-After": _retry_after(window.reset_ms, now_ms),
-                    **rate_limit_headers(WindowState(self._per_minute, 0, window.reset_ms), now_ms),
+                    **rate_limit_headers(WindowState(self._per_minute, 0, window.reset_ms)),
                 },
             )
 
