@@ -269,3 +269,38 @@ def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["schema_version"] == 1
+
+
+def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, admin_headers) -> None:
+    org, headers = admin_headers
+    with serve(settings, tmp_path, workers=2) as server:
+        created = httpx.post(
+            f"{server.url}{API}", json={"org_id": org, "name": "CRM"}, headers=headers
+        )
+        key, key_id = created.json()["data"]["key"], created.json()["data"]["id"]
+
+        def create_sessions(count: int) -> Counter:
+            # A fresh connection per request, so both workers get some of them.
+            return Counter(
+                httpx.post(
+                    f"{server.url}{API}?action=create-session",
+                    json={"game_id": 1},
+                    headers={"x-api-key": key},
+                ).status_code
+                for _ in range(count)
+            )
+
+        assert create_sessions(20) == Counter({200: 20})  # both workers now cache the key
+        revoke = httpx.patch(
+            f"{server.url}{API}",
+            json={"id": key_id, "org_id": org, "is_active": False},
+            headers=headers,
+        )
+        assert revoke.status_code == 200
+        assert create_sessions(20) == Counter({401: 20})
+    pids = {
+        line.split("[")[1].split("]")[0]
+        for line in server.log().splitlines()
+        if "Started server process" in line
+    }
+    assert len(pids) == 2
