@@ -52,13 +52,8 @@ def _org_data(row: sqlite3.Row) -> dict[str, Any]:
     return data
 
 
-def _name(value: str) -> str:
-    if not value.strip() or len(value) > 255:
-        raise argparse.ArgumentTypeError("must be 1 to 255 characters, not blank")
-    return value
-
-
-def _user_id(value: str) -> str:
+def _label(value: str) -> str:
+    """A name or id given on the command line: 1 to 255 characters, not blank."""
     if not value.strip() or len(value) > 255:
         raise argparse.ArgumentTypeError("must be 1 to 255 characters, not blank")
     return value
@@ -262,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     org = commands.add_parser("org", parents=[common], help="manage organizations")
     org_commands = org.add_subparsers(dest="org_command", metavar="ACTION", required=True)
     create = org_commands.add_parser("create", parents=[common], help="create an organization")
-    create.add_argument("--name", required=True, type=_name)
+    create.add_argument("--name", required=True, type=_label)
     create.add_argument("--tier", choices=["free", "business"], default="free")
-    create.add_argument("--external-id", help="Clerk organization id (org_...)", type=_user_id)
+    create.add_argument("--external-id", help="Clerk organization id (org_...)", type=_label)
     create.set_defaults(func=cmd_org_create)
     org_list = org_commands.add_parser("list", parents=[common], help="list organizations")
     org_list.set_defaults(func=cmd_org_list)
@@ -277,12 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     member_commands = member.add_subparsers(dest="member_command", metavar="ACTION", required=True)
     add = member_commands.add_parser("add", parents=[common], help="add or change a member")
     add.add_argument("--org", required=True, type=_org_id)
-    add.add_argument("--user", required=True, type=_user_id, help="Clerk user id (JWT sub)")
+    add.add_argument("--user", required=True, type=_label, help="Clerk user id (JWT sub)")
     add.add_argument("--role", choices=["admin", "member"], default="member")
     add.set_defaults(func=cmd_member_add)
     remove = member_commands.add_parser("remove", parents=[common], help="remove a member")
     remove.add_argument("--org", required=True, type=_org_id)
-    remove.add_argument("--user", required=True, type=_user_id)
+    remove.add_argument("--user", required=True, type=_label)
     remove.set_defaults(func=cmd_member_remove)
     members = member_commands.add_parser("list", parents=[common], help="list an org's members")
     members.add_argument("--org", required=True, type=_org_id)

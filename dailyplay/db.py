@@ -414,6 +414,13 @@ def list_orgs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     ).fetchall()
 
 
+def find_org_by_external_id(conn: sqlite3.Connection, external_id: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT id, name, tier, external_id, created_at FROM orgs WHERE external_id = ?",
+        (external_id,),
+    ).fetchone()
+
+
 def set_org_tier(conn: sqlite3.Connection, org_id: int, tier: str) -> sqlite3.Row | None:
     return conn.execute(
         "UPDATE orgs SET tier = ? WHERE id = ? RETURNING id, name, tier, external_id, created_at",

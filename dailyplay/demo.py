@@ -80,9 +80,7 @@ def prepare_demo(
     now = now_ms()
     conn = db.connect(settings.database)
     with db.transaction(conn):
-        row = conn.execute(
-            "SELECT id FROM orgs WHERE external_id = ?", (DEMO_ORG_EXTERNAL_ID,)
-        ).fetchone()
+        row = db.find_org_by_external_id(conn, DEMO_ORG_EXTERNAL_ID)
         org_id = (
             row["id"]
             if row
