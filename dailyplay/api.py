@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
-from .clock import iso_from_ms, ms_from_iso, now_ms
+from .clock import MAX_MS, iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
 from .db import MUTABLE_KEY_COLUMNS, Database
 from .errors import ApiError
@@ -320,14 +320,16 @@ def _future_time(value: Any, name: str, now: int) -> int | None:
         raise ApiError(400, f"'{name}' must be an ISO 8601 date-time string or null")
     try:
         moment = ms_from_iso(value)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise ApiError(
             400,
-            f"'{name}' must be an ISO 8601 date-time with a timezone, e.g. 2027-01-01T00:00:00Z",
+            f"'{name}' must be an RFC 3339 date-time with an offset, e.g. 2027-01-01T00:00:00Z",
         ) from None
     if moment <= now:
         raise ApiError(400, f"'{name}' must be in the future")
-    return moment
+    # An offset can carry 9999-12-31T23:59:59-23:59 into year 10000, which the API cannot
+    # write back in its four-digit form; at most a day is lost there.
+    return min(moment, MAX_MS)
 
 
 def _id_list_json(value: Any, name: str) -> str | None:

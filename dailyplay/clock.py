@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -18,15 +19,60 @@ def iso_from_ms(ms: int | None) -> str | None:
     """`2026-02-17T12:00:00.000Z` for a millisecond timestamp (None stays None)."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    moment = _EPOCH + ms * _MS  # integer arithmetic: no float rounding near a second's end
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{ms % 1000:03d}Z"
+    )
+
+
+# RFC 3339 section 5.6 date-time, ASCII digits only; "t", "z" may be lowercase (section 5.6 note).
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
+)
+# The last instant the API writes back (its times have four-digit years).
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _is_leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar (any year, including 0)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146_097 + day_of_era - 719_468
 
 
 def ms_from_iso(text: str) -> int:
-    """Milliseconds for an RFC 3339 date-time with an explicit offset; ValueError otherwise."""
-    if not isinstance(text, str) or len(text) > 64 or "T" not in text.upper():
-        raise ValueError("not an ISO 8601 date-time")
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError("an ISO 8601 date-time needs a timezone (e.g. Z or +00:00)")
-    return (moment - _EPOCH) // _MS
+    """Milliseconds for an RFC 3339 date-time (explicit offset required); ValueError otherwise.
+
+    Accepts exactly what JSON Schema's `date-time` format accepts, including years 0000-9999,
+    lowercase t/z and a leap second (23:59:60 UTC, counted as the next second's start).
+    """
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) and len(text) <= 64 else None
+    if match is None:
+        raise ValueError("not an RFC 3339 date-time such as 2027-01-01T00:00:00Z")
+    year, month, day, hour, minute, second = (int(match.group(n)) for n in range(1, 7))
+    fraction, sign, offset_hours, offset_minutes = match.group(7, 8, 9, 10)
+    offset = 0
+    if sign is not None:
+        if int(offset_hours) > 23 or int(offset_minutes) > 59:
+            raise ValueError("the UTC offset is out of range")
+        offset = (int(offset_hours) * 60 + int(offset_minutes)) * (1 if sign == "+" else -1)
+    if not 1 <= month <= 12:
+        raise ValueError("the month is out of range")
+    days_in_month = _DAYS_IN_MONTH[month - 1] + (month == 2 and _is_leap(year))
+    if not 1 <= day <= days_in_month or hour > 23 or minute > 59 or second > 60:
+        raise ValueError("the date or time is out of range")
+    if second == 60 and (hour * 60 + minute - offset) % 1440 != 23 * 60 + 59:
+        raise ValueError("a leap second is only valid at 23:59:60 UTC")
+    milliseconds = int((fraction or "0")[:3].ljust(3, "0"))
+    minutes = (_days_from_civil(year, month, day) * 24 + hour) * 60 + minute - offset
+    return (minutes * 60 + second) * 1000 + milliseconds

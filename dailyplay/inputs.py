@@ -7,6 +7,7 @@ nothing a client sends can get past them as anything but the declared type.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,10 +19,20 @@ from .errors import ApiError
 MAX_INT63 = 2**63 - 1
 MAX_ID_LIST = 1000
 MAX_METADATA_DEPTH = 32
+# What "blank" means for required text. Kept to these four so that the OpenAPI pattern
+# `[^ \t\r\n]` means the same in every regex dialect (their ideas of `\s` differ).
+BLANK = " \t\r\n"
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is too large")
+    return value
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -61,7 +72,10 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         raise ApiError(400, "request body is not valid UTF-8") from None
     try:
         body = json.loads(
-            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
         # Lone surrogates (\ud800) parse but cannot be stored as UTF-8 text.
         json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -115,11 +129,23 @@ def query_params(request: Request, allowed: Iterable[str]) -> dict[str, str]:
     return params
 
 
+def as_integer(value: Any) -> int | None:
+    """A JSON number with no fractional part (42 or 42.0, as JSON Schema counts integers)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def positive_int(value: Any, name: str, maximum: int = MAX_INT63) -> int:
-    """A JSON integer in 1..maximum (booleans and floats are not integers)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+    """A JSON integer in 1..maximum (booleans and fractions are not integers)."""
+    number = as_integer(value)
+    if number is None or not 1 <= number <= maximum:
         raise ApiError(400, f"'{name}' must be an integer from 1 to {maximum}")
-    return value
+    return number
 
 
 def query_positive_int(params: Mapping[str, str], name: str) -> int:
@@ -147,8 +173,8 @@ def text(value: Any, name: str, max_length: int, *, required: bool = False) -> s
         raise ApiError(400, f"'{name}' must be a string")
     if len(value) > max_length:
         raise ApiError(400, f"'{name}' must be at most {max_length} characters")
-    if required and not value.strip():
-        raise ApiError(400, f"'{name}' must not be empty")
+    if required and not value.strip(BLANK):
+        raise ApiError(400, f"'{name}' must not be empty or only spaces, tabs and line breaks")
     return value
 
 
@@ -166,10 +192,10 @@ def id_list(value: Any, name: str) -> list[int] | None:
         raise ApiError(400, f"'{name}' must be an array of positive integers or null")
     if len(value) > MAX_ID_LIST:
         raise ApiError(400, f"'{name}' may hold at most {MAX_ID_LIST} ids")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_INT63:
-            raise ApiError(400, f"'{name}' must be an array of positive integers or null")
-    return sorted(set(value))
+    ids = [as_integer(item) for item in value]
+    if any(item is None or not 1 <= item <= MAX_INT63 for item in ids):
+        raise ApiError(400, f"'{name}' must be an array of positive integers or null")
+    return sorted({item for item in ids if item is not None})
 
 
 def _depth(value: Any, limit: int) -> int:

@@ -108,7 +108,16 @@ def test_listing_is_scoped_to_the_org(world: World, settings) -> None:
         ({"org_id": 1, "name": "x", "rate_limit_per_day": -5}, 400, "rate_limit_per_day"),
         ({"org_id": 1, "name": "x", "rate_limit_per_day": None}, 400, "rate_limit_per_day"),
         ({"org_id": 1, "name": "x", "expires_at": "2000-01-01T00:00:00Z"}, 400, "future"),
-        ({"org_id": 1, "name": "x", "expires_at": "2099-01-01T00:00:00"}, 400, "timezone"),
+        ({"org_id": 1, "name": "x", "expires_at": "2099-01-01T00:00:00"}, 400, "offset"),
+        ({"org_id": 1, "name": "x", "expires_at": "2099-01-01T00:00Z"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "x", "expires_at": "2099-01-01 00:00:00Z"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "x", "expires_at": "20990101T000000Z"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "x", "expires_at": "2099-02-29T00:00:00Z"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "x", "expires_at": "2099-01-01T12:00:60Z"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "x", "expires_at": "2099-01-01T00:00:00+24:00"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "x", "expires_at": "\uff12099-01-01T00:00:00Z"}, 400, "RFC 3339"),
+        ({"org_id": 1, "name": "\t\r\n "}, 400, "name"),
+        ({"org_id": 1.5, "name": "x"}, 400, "org_id"),
         ({"org_id": 1, "name": "x", "expires_at": "2099-01-01"}, 400, "expires_at"),
         ({"org_id": 1, "name": "x", "expires_at": "tomorrow"}, 400, "expires_at"),
         ({"org_id": 1, "name": "x", "expires_at": 4102444800}, 400, "expires_at"),
@@ -120,6 +129,41 @@ def test_create_rejects_bad_input(world: World, body: dict, status: int, fragmen
     response = world.client.post(API, json=body, headers=world.bearer())
     assert_error(response, status, fragment)
     assert sql(world.settings, "SELECT count(*) FROM api_keys") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2099-01-01T00:00:00Z", "2099-01-01T00:00:00.000Z"),
+        ("2099-01-01t00:00:00z", "2099-01-01T00:00:00.000Z"),
+        ("2099-01-01T02:00:00.123456789+02:00", "2099-01-01T00:00:00.123Z"),
+        ("2098-12-31T23:59:60Z", "2099-01-01T00:00:00.000Z"),
+        ("2098-12-31T20:59:60-03:00", "2099-01-01T00:00:00.000Z"),
+        ("2096-02-29T00:00:00-00:00", "2096-02-29T00:00:00.000Z"),
+        # Past year 9999 in UTC: kept at the last instant the API can write back.
+        ("9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_create_accepts_every_rfc3339_date_time(world: World, sent: str, stored: str) -> None:
+    """The same forms JSON Schema's date-time format accepts, which the served document cites."""
+    assert world.create_key(expires_at=sent)["expires_at"] == stored
+
+
+def test_integers_may_be_written_as_whole_json_numbers(world: World) -> None:
+    """JSON has one number type; 60.0 is the integer 60 (as JSON Schema counts), 60.5 is not."""
+    key = world.create_key(rate_limit_per_minute=60.0, allowed_game_ids=[42.0, 42, 7])
+    assert key["rate_limit_per_minute"] == 60
+    assert key["allowed_game_ids"] == [7, 42]
+    assert_error(
+        world.client.post(
+            API,
+            content=b'{"org_id": 1, "name": "x", "rate_limit_per_day": 1e400}',
+            headers={**world.bearer(), "content-type": "application/json"},
+        ),
+        400,
+        "too large",
+    )
+    assert sql(world.settings, "SELECT count(*) FROM api_keys") == [(1,)]
 
 
 def test_create_needs_business_tier(world: World) -> None:

@@ -156,7 +156,7 @@ def test_player_uuid_must_be_a_short_string(world: World, api_key: str) -> None:
         ({"game_id": -1}, "game_id"),
         ({"game_id": 2**63}, "game_id"),
         ({"game_id": True}, "game_id"),
-        ({"game_id": 1.0}, "game_id"),
+        ({"game_id": 1.5}, "game_id"),
         ({"game_id": "42"}, "game_id"),
         ({"stream_id": [1]}, "stream_id"),
         ({"game_id": 1, "external_ref": "x" * 256}, "external_ref"),
