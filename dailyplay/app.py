@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -25,6 +25,7 @@ from .auth import JwtVerifier
 from .db import Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier
+from .openapi import document_for, render_reference
 from .ratelimit import KeyRateLimiter, PublicRateLimiter, flushing
 
 log = logging.getLogger("dailyplay")
@@ -113,6 +114,31 @@ class OrgApiKeysEndpoint:
         await response(scope, receive, send)
 
 
+# The reference page runs no scripts and loads nothing from elsewhere.
+DOCS_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def document_routes(settings: config.Settings) -> list[Route]:
+    """GET /openapi.json and GET /docs, both rendered once from the shipped document."""
+    doc = document_for(settings)
+    document = JSONResponse(doc).body
+    page = render_reference(doc)
+
+    async def openapi_document(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    async def reference_page(request: Request) -> Response:
+        return HTMLResponse(page, headers=DOCS_HEADERS)
+
+    return [
+        Route("/openapi.json", openapi_document, methods=["GET"]),
+        Route("/docs", reference_page, methods=["GET"]),
+    ]
+
+
 def create_app(settings: config.Settings | None = None) -> Starlette:
     """The ASGI application for one process; resources open in its lifespan."""
     settings = settings or config.load()
@@ -152,7 +178,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[Route("/api/org-api-keys", OrgApiKeysEndpoint())],
+        routes=[Route("/api/org-api-keys", OrgApiKeysEndpoint()), *document_routes(settings)],
         middleware=middleware,
         exception_handlers={
             ApiError: _api_error,

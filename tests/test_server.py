@@ -304,3 +304,44 @@ def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, adm
         if "Started server process" in line
     }
     assert len(pids) == 2
+
+
+def test_the_readme_schemathesis_line_passes_against_a_live_server(
+    settings, tmp_path, admin_headers
+) -> None:
+    """The documented `schemathesis run` line, verbatim, pointed at a real `dailyplay serve`."""
+    readme = (ROOT / "README.md").read_text()
+    [line] = [row for row in readme.splitlines() if "schemathesis --config-file" in row]
+    org, headers = admin_headers
+    settings = settings.replace("limits", public_per_minute=0)
+    with serve(settings, tmp_path) as server:
+        created = httpx.post(
+            f"{server.url}{API}",
+            json={"org_id": org, "name": "fuzzing", "rate_limit_per_minute": 1_000_000},
+            headers=headers,
+        )
+        assert created.status_code == 200, created.text
+        command = line.replace("http://127.0.0.1:8787", server.url).replace(
+            ".venv/bin/schemathesis", str(Path(sys.executable).parent / "schemathesis")
+        )
+        env = {
+            **os.environ,
+            "DP_KEY": created.json()["data"]["key"],
+            "DP_JWT": headers["authorization"].removeprefix("Bearer "),
+            "NO_COLOR": "1",
+        }
+        result = subprocess.run(
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert server.process.poll() is None
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):
+        assert f"✅ {phase}" in output, output[-4000:]
+    assert " passed" in output and "failed" not in output.lower(), output[-4000:]
