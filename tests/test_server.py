@@ -245,7 +245,7 @@ def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> Non
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(dist.glob("dailyplay-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "dailyplay/schema.sql" in names and "dailyplay/config.toml" in names
+    assert {"dailyplay/schema.sql", "dailyplay/config.toml", "dailyplay/openapi.json"} <= set(names)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
@@ -269,6 +269,23 @@ def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["schema_version"] == 1
+    # The served OpenAPI document is read from inside the wheel too.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dailyplay import openapi; print(len(openapi.shipped_document()['paths']))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == len(
+        json.loads((ROOT / "dailyplay" / "openapi.json").read_text())["paths"]
+    )
 
 
 def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, admin_headers) -> None:
