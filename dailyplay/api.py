@@ -22,7 +22,13 @@ from .config import Settings
 from .db import MUTABLE_KEY_COLUMNS, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
-from .ratelimit import KeyRateLimiter, PublicRateLimiter, WindowState, rate_limit_headers
+from .ratelimit import (
+    FailedAuthLimiter,
+    KeyRateLimiter,
+    PublicRateLimiter,
+    WindowState,
+    rate_limit_headers,
+)
 
 log = logging.getLogger("dailyplay.api")
 
@@ -46,7 +52,16 @@ class Services:
     jwt: JwtVerifier
     key_limiter: KeyRateLimiter
     public_limiter: PublicRateLimiter
+    auth_failures: FailedAuthLimiter
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+async def read_body(services: Services, request: Request) -> dict[str, Any]:
+    """The JSON object body, within this server's size and time limits."""
+    limits = services.settings.limits
+    return await inputs.read_json_object(
+        request, limits.max_body_bytes, limits.body_timeout_seconds
+    )
 
 
 def ok(data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -163,7 +178,7 @@ async def create_session(services: Services, request: Request, params: dict[str,
     key = await authenticate_api_key(services, request, now)
     headers = rate_limit_headers(key.rate)
     try:
-        body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+        body = await read_body(services, request)
         inputs.check_fields(
             body, ("game_id", "stream_id", "external_ref", "metadata", "expires_in_minutes")
         )
@@ -266,7 +281,7 @@ GONE_MESSAGES = {
 async def consume_session(services: Services, request: Request, params: dict[str, str]) -> Response:
     now = now_ms()
     services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
-    body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+    body = await read_body(services, request)
     inputs.check_fields(body, ("token", "player_uuid"), required=("token",))
     token = inputs.session_token(body["token"])
     player_uuid = inputs.text(body.get("player_uuid"), "player_uuid", MAX_PLAYER_UUID)
@@ -359,7 +374,7 @@ CREATE_KEY_FIELDS = (
 
 async def create_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
     principal = await authenticate_bearer(services, request)
-    body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+    body = await read_body(services, request)
     inputs.check_fields(body, CREATE_KEY_FIELDS, required=("org_id", "name"))
     org_id = inputs.positive_int(body["org_id"], "org_id")
     await require_org_role(services.db, principal, org_id, need_admin=True)
@@ -405,7 +420,7 @@ async def _hash_in_thread(raw_key: str) -> str:
 
 async def update_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
     principal = await authenticate_bearer(services, request)
-    body = await inputs.read_json_object(request, services.settings.limits.max_body_bytes)
+    body = await read_body(services, request)
     mutable = sorted(MUTABLE_KEY_COLUMNS)
     inputs.check_fields(body, ("id", "org_id", *mutable), required=("id", "org_id"))
     key_id = inputs.positive_int(body["id"], "id")
@@ -460,18 +475,19 @@ Handler = Callable[[Services, Request, dict[str, str]], Awaitable[Response]]
 class Operation:
     handler: Handler
     query: tuple[str, ...]
+    credential: str | None  # the header carrying this operation's credential, if it needs one
 
 
 # action -> method -> operation; None is the key-management family with no action.
 OPERATIONS: dict[str | None, dict[str, Operation]] = {
-    "create-session": {"POST": Operation(create_session, ("action",))},
-    "validate-session": {"GET": Operation(validate_session, ("action", "token"))},
-    "consume-session": {"POST": Operation(consume_session, ("action",))},
+    "create-session": {"POST": Operation(create_session, ("action",), "x-api-key")},
+    "validate-session": {"GET": Operation(validate_session, ("action", "token"), None)},
+    "consume-session": {"POST": Operation(consume_session, ("action",), None)},
     None: {
-        "GET": Operation(list_api_keys, ("org_id",)),
-        "POST": Operation(create_api_key, ()),
-        "PATCH": Operation(update_api_key, ()),
-        "DELETE": Operation(delete_api_key, ("id", "org_id")),
+        "GET": Operation(list_api_keys, ("org_id",), "authorization"),
+        "POST": Operation(create_api_key, (), "authorization"),
+        "PATCH": Operation(update_api_key, (), "authorization"),
+        "DELETE": Operation(delete_api_key, ("id", "org_id"), "authorization"),
     },
 }
 ACTIONS = [action for action in OPERATIONS if action is not None]
@@ -506,4 +522,15 @@ async def handle_org_api_keys(request: Request) -> Response:
     services: Services = request.app.state.services
     operation = select_operation(request)
     params = inputs.query_params(request, operation.query)
-    return await operation.handler(services, request, params)
+    # Only requests that present a credential are counted and locked out: one without any
+    # cannot guess a secret, and keeps getting the 401 that says what is missing.
+    if operation.credential is None or operation.credential not in request.headers:
+        return await operation.handler(services, request, params)
+    caller = client_ip(request, services.trusted_proxies)
+    services.auth_failures.check(caller, now_ms())
+    try:
+        return await operation.handler(services, request, params)
+    except ApiError as exc:
+        if exc.status == 401:
+            services.auth_failures.record_failure(caller, now_ms())
+        raise

@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import config
 from .api import Services, handle_org_api_keys
@@ -26,7 +26,7 @@ from .db import Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier
 from .openapi import document_for, render_reference
-from .ratelimit import KeyRateLimiter, PublicRateLimiter, flushing
+from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 
 log = logging.getLogger("dailyplay")
 
@@ -83,6 +83,35 @@ class JsonCORSMiddleware(CORSMiddleware):
             headers.pop("content-type", None)
             return error_response(response.status_code, message, headers)
         return response
+
+
+class ConcurrencyLimit:
+    """At most `limit` requests in progress in this worker; past it, an immediate JSON 503.
+
+    Under overload a quick refusal with Retry-After is better than queueing work until
+    clients time out and memory grows with the queue.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            response = error_response(
+                503, "the server is at capacity; try again shortly", {"Retry-After": "1"}
+            )
+            await response(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class RedactSecretsFilter(logging.Filter):
@@ -157,6 +186,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             jwt=jwt_verifier,
             key_limiter=key_limiter,
             public_limiter=PublicRateLimiter(settings.limits.public_per_minute),
+            auth_failures=FailedAuthLimiter(settings.limits.failed_auth_per_minute),
             trusted_proxies=trusted,
         )
         try:
@@ -165,7 +195,9 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         finally:
             await db.close()
 
-    middleware = []
+    middleware = [
+        Middleware(ConcurrencyLimit, limit=settings.server.max_concurrent_requests),
+    ]
     if settings.cors.allow_origins:
         middleware.append(
             Middleware(

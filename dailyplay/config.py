@@ -35,6 +35,9 @@ class ServerSettings:
         [], "proxy addresses/CIDRs whose X-Forwarded-For is believed (empty: none)"
     )
     log_level: str = _setting("info", "critical, error, warning, info or debug")
+    max_concurrent_requests: int = _setting(
+        256, "requests one worker handles at once; more get 503 with Retry-After"
+    )
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,13 @@ class LimitSettings:
     public_per_minute: int = _setting(
         600, "validate/consume requests per client IP per minute (0: unlimited)"
     )
+    failed_auth_per_minute: int = _setting(
+        30, "failed authentications per client IP per minute before 429 (0: unlimited)"
+    )
     max_body_bytes: int = _setting(65_536, "largest request body; larger gets 413")
+    body_timeout_seconds: int = _setting(
+        10, "time allowed to send a request body; slower clients get 408"
+    )
     max_metadata_bytes: int = _setting(8_192, "largest serialized session metadata")
 
 
@@ -215,6 +224,12 @@ def _check_ranges(s: Settings) -> None:
         "sessions.default_expires_minutes must be between 1 and sessions.max_expires_minutes",
     )
     need(s.limits.public_per_minute >= 0, "limits.public_per_minute must be >= 0")
+    need(s.limits.failed_auth_per_minute >= 0, "limits.failed_auth_per_minute must be >= 0")
+    need(1 <= s.limits.body_timeout_seconds <= 300, "limits.body_timeout_seconds must be 1..300")
+    need(
+        1 <= s.server.max_concurrent_requests <= 100_000,
+        "server.max_concurrent_requests must be 1..100000",
+    )
     need(
         1024 <= s.limits.max_body_bytes <= 16 * 1024 * 1024,
         "limits.max_body_bytes must be 1024..16777216",

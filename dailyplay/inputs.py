@@ -6,6 +6,7 @@ nothing a client sends can get past them as anything but the declared type.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import uuid
@@ -44,8 +45,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object; 413 past max_bytes (without reading it all)."""
+async def read_json_object(
+    request: Request, max_bytes: int, timeout_seconds: float = 10
+) -> dict[str, Any]:
+    """The request body as a JSON object; 413 past max_bytes (without reading it all), 408 when
+    it has not all arrived within timeout_seconds (a slow client must not hold a request)."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
@@ -56,14 +60,15 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
             raise ApiError(400, "invalid Content-Length header")
         if int(declared) > max_bytes:
             raise ApiError(413, f"request body is larger than the limit of {max_bytes} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, f"request body is larger than the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            raw = await _read_at_most(request, max_bytes)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"request body not received within {timeout_seconds:g} seconds",
+            headers={"Connection": "close"},
+        ) from None
     if not raw.strip():
         raise ApiError(400, "request body is required: a JSON object")
     try:
@@ -90,6 +95,17 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
+
+
+async def _read_at_most(request: Request, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"request body is larger than the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _short(exc: ValueError) -> str:

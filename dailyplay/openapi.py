@@ -41,6 +41,10 @@ def document_for(settings: Settings) -> dict[str, Any]:
         f"{limits.max_metadata_bytes} bytes once serialized (limits.max_metadata_bytes) and 32 "
         "levels deep"
     )
+    doc["components"]["responses"]["RequestTimeout"]["description"] = (
+        f"The request body did not arrive within {limits.body_timeout_seconds} seconds "
+        "(limits.body_timeout_seconds)"
+    )
     doc["components"]["responses"]["PayloadTooLarge"]["description"] = (
         f"The request body is larger than {limits.max_body_bytes} bytes (limits.max_body_bytes)"
     )

@@ -185,29 +185,68 @@ class KeyRateLimiter:
             self._seeded.clear()
 
 
-class PublicRateLimiter:
-    """Requests per client IP per minute for the unauthenticated operations (0: unlimited)."""
+class _PerClientLimiter:
+    """A per-minute count per client IP, kept in this process (0: unlimited)."""
 
     def __init__(self, per_minute: int):
         self._per_minute = per_minute
         self._storage = MemoryStorage()
         self._limiter = FixedWindowRateLimiter(self._storage)
 
+    def _window(self, client_ip: str, now_ms: int) -> tuple[_Window, tuple[str, str]]:
+        window = _Window("minute", self._per_minute, now_ms)
+        return window, window.identifiers(client_ip)
+
+    def _refuse(self, window: _Window, now_ms: int, message: str) -> ApiError:
+        return ApiError(
+            429,
+            message,
+            headers={
+                "Retry-After": _retry_after(window.reset_ms, now_ms),
+                **rate_limit_headers(WindowState(self._per_minute, 0, window.reset_ms)),
+            },
+        )
+
+
+class PublicRateLimiter(_PerClientLimiter):
+    """Requests per client IP per minute for the unauthenticated operations (0: unlimited)."""
+
     def hit(self, client_ip: str, now_ms: int) -> None:
         if self._per_minute <= 0:
             return
-        window = _Window("minute", self._per_minute, now_ms)
-        identifiers = window.identifiers(client_ip)
+        window, identifiers = self._window(client_ip, now_ms)
         if not self._limiter.hit(window.item, *identifiers):
-            raise ApiError(
-                429,
+            raise self._refuse(
+                window,
+                now_ms,
                 f"rate limit exceeded: at most {self._per_minute} requests per minute from one "
                 "client address",
-                headers={
-                    "Retry-After": _retry_after(window.reset_ms, now_ms),
-                    **rate_limit_headers(WindowState(self._per_minute, 0, window.reset_ms)),
-                },
             )
+
+
+class FailedAuthLimiter(_PerClientLimiter):
+    """Failed authentications per client IP per minute (0: unlimited).
+
+    Past the limit the client's authenticated requests get 429 before any credential is
+    checked, so guessing keys or replaying stolen JWTs costs a minute per few dozen tries.
+    """
+
+    def check(self, client_ip: str, now_ms: int) -> None:
+        if self._per_minute <= 0:
+            return
+        window, identifiers = self._window(client_ip, now_ms)
+        if not self._limiter.test(window.item, *identifiers):
+            raise self._refuse(
+                window,
+                now_ms,
+                f"too many failed authentications from this address (at most "
+                f"{self._per_minute} a minute); try again later",
+            )
+
+    def record_failure(self, client_ip: str, now_ms: int) -> None:
+        if self._per_minute > 0:
+            window, identifiers = self._window(client_ip, now_ms)
+            self._limiter.hit(window.item, *identifiers)
 
 
 async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:
