@@ -206,3 +206,30 @@ def test_a_slow_jwks_fetch_does_not_block_session_operations(
             assert max(latencies) < 0.5, latencies
     finally:
         jwks.close()
+
+
+# --- durability settings --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("configured", "expected"), [("FULL", 2), ("NORMAL", 1)])
+def test_the_writer_runs_in_wal_mode_with_the_configured_synchronous(
+    make_settings, configured: str, expected: int
+) -> None:
+    """FULL (the default) syncs the WAL on every commit: a consumption survives power loss."""
+    settings = make_settings(database={"synchronous": configured})
+    with running_app(settings) as client:
+        database = client.app.state.services.db
+
+        async def pragmas() -> dict[str, object]:
+            found = {}
+            for name in ("journal_mode", "synchronous", "busy_timeout"):
+                async with database.writer.execute(f"PRAGMA {name}") as cursor:
+                    row = await cursor.fetchone()
+                    found[name] = row[0]
+            return found
+
+        assert client.portal.call(pragmas) == {
+            "journal_mode": "wal",
+            "synchronous": expected,
+            "busy_timeout": settings.database.busy_timeout_ms,
+        }
