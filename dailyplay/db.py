@@ -130,6 +130,10 @@ API_KEY_COLUMNS = (
     "id, org_id, name, description, key_prefix, is_active, allowed_game_ids, allowed_stream_ids,"
     " rate_limit_per_minute, rate_limit_per_day, expires_at, created_at, updated_at, last_used_at"
 )
+INSERT_SESSION = (
+    "INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
+    " metadata, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 INSERT_API_KEY = (
     "INSERT INTO api_keys (org_id, name, description, key_prefix, key_hash, allowed_game_ids,"
     " allowed_stream_ids, rate_limit_per_minute, rate_limit_per_day, expires_at, created_at,"
@@ -367,11 +371,7 @@ class Database:
     async def insert_session(self, values: tuple[Any, ...]) -> int:
         """Insert a token: (token, org_id, api_key_id, game_id, stream_id, external_ref,
         metadata, created_at, expires_at); returns the session id."""
-        rows = await self._write_one(
-            "INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
-            " metadata, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            values,
-        )
+        rows = await self._write_one(INSERT_SESSION + " RETURNING id", values)
         return int(rows[0][0])
 
     async def get_session(self, token: bytes) -> sqlite3.Row | None:
@@ -461,3 +461,9 @@ def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
 def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...]) -> sqlite3.Row:
     """Insert one key; `values` follows INSERT_API_KEY's column order."""
     return conn.execute(INSERT_API_KEY, values).fetchone()
+
+
+def insert_sessions(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Insert many tokens in the caller's transaction (the benchmark's seeding), in
+    insert_session's column order."""
+    conn.executemany(INSERT_SESSION, rows)

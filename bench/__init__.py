@@ -1,0 +1,1 @@
+"""The DailyPlay benchmark (`python -m bench`)."""

@@ -1,0 +1,367 @@
+"""DailyPlay benchmark: `python -m bench` (see README, "Benchmark").
+
+Runs wrk against a bare Starlette app (the ceiling) and against `dailyplay serve`, side by side,
+with 1 and 2 workers, then against databases already holding many tokens. Prints a table and
+writes a JSON file. Every process it starts is stopped before it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dailyplay import config, db
+from dailyplay.clock import now_ms
+from dailyplay.demo import write_config
+from dailyplay.keys import generate_api_key, hash_api_key, key_prefix
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = ("create", "validate", "consume", "mixed")
+BARE_FOR = {"create": "bare-post", "validate": "bare-get", "consume": "bare-post"}
+SEED_BATCH = 100_000
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def rss_kb(self) -> int:
+        """Resident memory of the server and its worker processes."""
+        total = 0
+        pids = [self.process.pid]
+        with contextlib.suppress(OSError, ValueError):
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            pids += [int(p) for p in children.read_text().split()]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, probe: str, log: Path) -> Iterator[Server]:
+    """Start a server process in its own group; always stop the whole group."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = Server(process, f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"bench: server exited early; see {log}")
+            try:
+                httpx.get(server.url + probe, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: server did not start; see {log}") from None
+                time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+
+
+def run_wrk(
+    url: str, mode: str, args: argparse.Namespace, key: str = "", tokens: Path | None = None
+) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "BENCH_MODE": mode,
+        "BENCH_KEY": key,
+        "BENCH_THREADS": str(args.threads),
+    }
+    if tokens is not None:
+        env["BENCH_TOKENS"] = str(tokens)
+    command = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{args.duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(HERE / "workload.lua"),
+        url,
+    ]
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=args.duration + 60, check=False
+    )
+    match = re.search(r"BENCH-RESULT (\{.*\})", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise SystemExit(f"bench: wrk failed for {mode}:\n{result.stdout}\n{result.stderr}")
+    raw = json.loads(match.group(1))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "rps": round(raw["requests"] / seconds, 1),
+        "p50_ms": round(raw["p50_us"] / 1000, 2),
+        "p99_ms": round(raw["p99_us"] / 1000, 2),
+        "requests": raw["requests"],
+        "non_2xx": raw["non_2xx"],
+        "socket_errors": raw["socket_errors"],
+    }
+
+
+# --- a DailyPlay instance to measure ---------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    settings: config.Settings
+    config_path: Path
+    key: str
+    org_id: int
+    key_id: int
+
+
+def prepare_instance(directory: Path, workers: int) -> Instance:
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = config.Settings()
+    settings = settings.replace("database", path=str(directory / "bench.db"))
+    settings = settings.replace("server", workers=workers, log_level="warning")
+    settings = settings.replace("limits", public_per_minute=0, failed_auth_per_minute=0)
+    settings = settings.replace("sessions", default_expires_minutes=24 * 60)
+    raw_key = generate_api_key()
+    conn = db.connect(settings.database)
+    with db.transaction(conn):
+        now = now_ms()
+        org_id = int(db.create_org(conn, "Bench Games", "business", None, now)["id"])
+        row = db.insert_api_key(
+            conn,
+            (
+                org_id,
+                "bench",
+                None,
+                key_prefix(raw_key),
+                hash_api_key(raw_key),
+                None,
+                None,
+                1_000_000,
+                1_000_000_000,
+                None,
+                now,
+                now,
+            ),
+        )
+    conn.close()
+    path = directory / "bench.toml"
+    write_config(settings, path)
+    return Instance(settings, path, raw_key, org_id, int(row["id"]))
+
+
+def seed_tokens(instance: Instance, count: int, tokens_file: Path | None) -> None:
+    """Insert `count` fresh active tokens straight into the database (one transaction per
+    100,000); write their text forms to tokens_file when given."""
+    conn = db.connect(instance.settings.database)
+    out = tokens_file.open("w") if tokens_file else None
+    try:
+        now = now_ms()
+        done = 0
+        while done < count:
+            batch = [uuid.uuid4() for _ in range(min(SEED_BATCH, count - done))]
+            with db.transaction(conn):
+                db.insert_sessions(
+                    conn,
+                    (
+                        (
+                            t.bytes,
+                            instance.org_id,
+                            instance.key_id,
+                            42,
+                            None,
+                            "seed",
+                            None,
+                            now,
+                            now + 86_400_000,
+                        )
+                        for t in batch
+                    ),
+                )
+            if out:
+                out.writelines(f"{t}\n" for t in batch)
+            done += len(batch)
+    finally:
+        conn.close()
+        if out:
+            out.close()
+
+
+def serve_command(instance: Instance) -> list[str]:
+    return [sys.executable, "-m", "dailyplay", "serve", "--config", str(instance.config_path)]
+
+
+def bare_command(port: int, workers: int) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "bench.bare:app", "--port", str(port), "--workers",
+        str(workers), "--log-level", "warning", "--no-server-header",
+    ]  # fmt: skip
+
+
+def measure_workers(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    log = work / "servers.log"
+    results: dict[str, Any] = {"bare": {}, "dailyplay": {}}
+    port = free_port()
+    with running(bare_command(port, workers), port, "/bare", log) as bare:
+        bare_url = bare.url
+        for mode in ("bare-get", "bare-post"):
+            results["bare"][mode] = run_wrk(bare_url, mode, args)
+    instance = prepare_instance(work / f"workers-{workers}", workers)
+    token_files = {}
+    per_workload = args.tokens_per_workload
+    for workload in ("validate", "consume", "mixed"):
+        token_files[workload] = work / f"tokens-{workers}-{workload}.txt"
+        seed_tokens(instance, per_workload, token_files[workload])
+    port = free_port()
+    instance.settings = instance.settings.replace("server", port=port)
+    write_config(instance.settings, instance.config_path)
+    probe = "/openapi.json"
+    with running(serve_command(instance), port, probe, log) as server:
+        for workload in WORKLOADS:
+            results["dailyplay"][workload] = run_wrk(
+                server.url, workload, args, instance.key, token_files.get(workload)
+            )
+        results["rss_kb_after"] = server.rss_kb()
+    for workload, bare_mode in BARE_FOR.items():
+        measured = results["dailyplay"][workload]
+        ceiling = results["bare"][bare_mode]
+        measured["ratio_to_bare"] = round(measured["rps"] / ceiling["rps"], 2)
+        measured["p99_ratio_to_bare"] = round(measured["p99_ms"] / max(ceiling["p99_ms"], 0.01), 2)
+    return results
+
+
+def measure_table_sizes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """1 worker, validate/consume/create against databases already holding `size` tokens."""
+    found: dict[str, Any] = {}
+    log = work / "servers.log"
+    for size in args.sizes:
+        instance = prepare_instance(work / f"size-{size}", 1)
+        seed_tokens(instance, size, None)
+        db_path = Path(instance.settings.database.path)
+        files = [db_path, db_path.with_name(db_path.name + "-wal")]
+        bytes_used = sum(f.stat().st_size for f in files if f.exists())
+        token_files = {}
+        for workload in ("validate", "consume"):
+            token_files[workload] = work / f"tokens-size-{size}-{workload}.txt"
+            seed_tokens(instance, args.tokens_per_workload, token_files[workload])
+        port = free_port()
+        instance.settings = instance.settings.replace("server", port=port)
+        write_config(instance.settings, instance.config_path)
+        entry: dict[str, Any] = {
+            "db_bytes": bytes_used,
+            "db_bytes_per_million": round(bytes_used / size * 1_000_000) if size else None,
+        }
+        with running(serve_command(instance), port, "/openapi.json", log) as server:
+            for workload in ("create", "validate", "consume"):
+                entry[workload] = run_wrk(
+                    server.url, workload, args, instance.key, token_files.get(workload)
+                )
+        found[str(size)] = entry
+    return found
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\nDailyPlay benchmark — {results['machine']}")
+    print(f"wrk -t{results['threads']} -c{results['connections']} -d{results['duration_s']}s\n")
+    header = f"{'workers':>7}  {'workload':<9} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
+    print(header + f" {'x bare':>7} {'non-2xx':>8}")
+    for workers, entry in results["workers"].items():
+        for mode, m in entry["bare"].items():
+            print(
+                f"{workers:>7}  {mode:<9} {m['rps']:>9.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f}"
+                f" {'':>7} {m['non_2xx']:>8}"
+            )
+        for mode, m in entry["dailyplay"].items():
+            ratio = m.get("ratio_to_bare", "")
+            print(
+                f"{workers:>7}  {mode:<9} {m['rps']:>9.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f}"
+                f" {ratio!s:>7} {m['non_2xx']:>8}"
+            )
+        print(f"{'':>7}  RSS after: {entry['rss_kb_after'] / 1024:.1f} MB")
+    if results.get("table_sizes"):
+        print("\ntokens already stored (1 worker): req/s create / validate / consume, DB size")
+        for size, entry in results["table_sizes"].items():
+            per_million = entry["db_bytes_per_million"]
+            size_text = f"{per_million / 1e6:.0f} MB per million" if per_million else "-"
+            print(
+                f"{int(size):>9}: {entry['create']['rps']:>7.0f} / {entry['validate']['rps']:>7.0f}"
+                f" / {entry['consume']['rps']:>7.0f}   {size_text}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, to check it runs")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[0, 1_000_000, 5_000_000],
+        help="tokens already in the database for the table-size runs",
+    )  # fmt: skip
+    parser.add_argument("--tokens-per-workload", type=int, default=200_000)
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.duration, args.workers, args.sizes = 1, [1], [0]
+        args.tokens_per_workload = 20_000
+    if shutil.which("wrk") is None:
+        print("bench: wrk is needed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "threads": args.threads,
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "workers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="dailyplay-bench-") as tmp:
+        work = Path(tmp)
+        for workers in args.workers:
+            results["workers"][str(workers)] = measure_workers(workers, args, work)
+        if args.sizes:
+            results["table_sizes"] = measure_table_sizes(args, work)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

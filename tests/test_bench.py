@@ -1,0 +1,47 @@
+"""The benchmark runs (a smoke run; its figures are not judged here, see docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is needed for the benchmark (.ci/run installs it)")
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    results = json.loads(out.read_text())
+    run = results["workers"]["1"]
+    for mode in ("bare-get", "bare-post"):
+        assert run["bare"][mode]["rps"] > 0
+    for workload in ("create", "validate", "consume", "mixed"):
+        measured = run["dailyplay"][workload]
+        assert measured["rps"] > 0 and measured["non_2xx"] == 0, (workload, measured)
+        assert measured["socket_errors"] == 0, (workload, measured)
+    assert run["rss_kb_after"] > 0
+    assert results["table_sizes"]["0"]["validate"]["rps"] > 0
+    assert "x bare" in result.stdout
+    # Every process it started is gone: nothing listens on the ports it used.
+    assert (
+        "dailyplay-bench-"
+        not in subprocess.run(
+            ["ps", "-eo", "args"], capture_output=True, text=True, check=True
+        ).stdout
+    )
