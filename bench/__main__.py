@@ -225,10 +225,7 @@ def serve_command(instance: Instance) -> list[str]:
 
 
 def bare_command(port: int, workers: int) -> list[str]:
-    return [
-        sys.executable, "-m", "uvicorn", "bench.bare:app", "--port", str(port), "--workers",
-        str(workers), "--log-level", "warning", "--no-server-header",
-    ]  # fmt: skip
+    return [sys.executable, "-m", "bench.bare", "--port", str(port), "--workers", str(workers)]
 
 
 def measure_workers(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:

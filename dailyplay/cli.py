@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -152,7 +153,6 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
 
 def run_server(settings: config.Settings, config_path: str | None, announce: bool = True) -> None:
     """Run uvicorn with settings passed to every worker through the environment."""
-    import uvicorn
 
     from .auth import JwtVerifier
 
@@ -177,18 +177,48 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
                 "pid": os.getpid(),
             }
         )
-    uvicorn.run(
+    serve_with_uvicorn(
         "dailyplay.app:app_from_environment",
-        factory=True,
         host=server.host,
         port=server.port,
         workers=server.workers,
-        log_config=uvicorn_log_config(server.log_level),
         log_level=server.log_level,
+    )
+
+
+def serve_with_uvicorn(app: str, *, host: str, port: int, workers: int, log_level: str) -> None:
+    """Serve an app factory with uvicorn: several workers share one listening socket."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    uvicorn_config = uvicorn.Config(
+        app,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=uvicorn_log_config(log_level),
+        log_level=log_level,
         timeout_graceful_shutdown=10,
         server_header=False,
         proxy_headers=False,
     )
+    if workers == 1:
+        uvicorn.Server(uvicorn_config).run()
+        return
+    Multiprocess(uvicorn_config, sockets=[tcp_socket(uvicorn_config.bind_socket())]).run()
+
+
+def tcp_socket(sock: socket.socket) -> socket.socket:
+    """The shared listening socket, marked as TCP so that workers' connections get TCP_NODELAY.
+
+    uvicorn creates it with protocol 0, and asyncio sets TCP_NODELAY only on sockets whose
+    protocol says TCP; without it every keep-alive response waited ~40 ms for a delayed ACK
+    (measured with 2 workers: 730 req/s at p50 44 ms, for a bare Starlette app too).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return sock
+    return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
 def _with_server_overrides(settings: config.Settings, args: argparse.Namespace) -> config.Settings:

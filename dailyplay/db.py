@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -190,6 +192,31 @@ READER_BUSY_TIMEOUT_MS = 200
 Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
 
+class WriterLock:
+    """Orders the writers of all worker processes on one database with flock(2).
+
+    SQLite's own busy handler sleeps and polls (tails of hundreds of milliseconds when two
+    workers write at once); a process blocked in flock is woken the moment the lock is released.
+    It lives in its own file beside the database: closing any descriptor of the database file
+    would drop SQLite's POSIX locks on it.
+    """
+
+    def __init__(self, database_path: str):
+        self._fd = os.open(f"{database_path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    async def acquire(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            await asyncio.to_thread(fcntl.flock, self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class Database:
     """The service's storage: named async operations over one SQLite file.
 
@@ -205,6 +232,7 @@ class Database:
         self._reader: sqlite3.Connection | None = None
         self._pending: list[tuple[Work, asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._writer_lock: WriterLock | None = None
 
     async def open(self) -> None:
         """Migrate the file, then open the writer and the read-only connection."""
@@ -223,6 +251,7 @@ class Database:
             reader.execute(pragma)
         reader.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
         self._reader = reader
+        self._writer_lock = WriterLock(self.settings.path)
 
     def _migrate(self) -> None:
         conn = connect(self.settings)
@@ -239,7 +268,9 @@ class Database:
             self._reader.close()
         if self._writer is not None:
             await self._writer.close()
-        self._reader = self._writer = None
+        if self._writer_lock is not None:
+            self._writer_lock.close()
+        self._reader = self._writer = self._writer_lock = None
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -268,9 +299,16 @@ class Database:
         return result
 
     async def _commit_groups(self) -> None:
+        lock = self._writer_lock
+        assert lock is not None
         while self._pending:
-            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-            await self._commit_group(group)
+            await lock.acquire()
+            try:
+                # Taken after the lock: writes that came in while waiting join this group.
+                group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+                await self._commit_group(group)
+            finally:
+                lock.release()
 
     async def _commit_group(self, group: list[_Write]) -> None:
         conn = self.writer
