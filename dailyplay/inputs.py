@@ -7,8 +7,10 @@ nothing a client sends can get past them as anything but the declared type.
 from __future__ import annotations
 
 import asyncio
+import decimal
 import json
 import math
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -164,14 +166,27 @@ def positive_int(value: Any, name: str, maximum: int = MAX_INT63) -> int:
     return number
 
 
+# A JSON number in a query string: what clients (and schemathesis) write for an integer.
+_QUERY_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
 def query_positive_int(params: Mapping[str, str], name: str) -> int:
-    """A required query parameter holding a positive integer that fits in 63 bits."""
+    """A required query parameter holding a positive integer that fits in 63 bits.
+
+    Written as a JSON number with no fractional part (42, 42.0, 4.2e1), the way JSON Schema's
+    `integer` counts them.
+    """
     text = params.get(name)
     if text is None or text == "":
         raise ApiError(400, f"query parameter '{name}' is required")
-    if not (text.isascii() and text.isdigit()) or len(text) > 19 or not 1 <= int(text) <= MAX_INT63:
+    number = None
+    if len(text) <= 40 and _QUERY_NUMBER.fullmatch(text):
+        value = decimal.Decimal(text)
+        if value == value.to_integral_value() and 1 <= value <= MAX_INT63:
+            number = int(value)
+    if number is None:
         raise ApiError(400, f"query parameter '{name}' must be an integer from 1 to {MAX_INT63}")
-    return int(text)
+    return number
 
 
 def optional_positive_int(body: Mapping[str, Any], name: str) -> int | None:

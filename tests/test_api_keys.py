@@ -266,6 +266,22 @@ def test_update_and_delete_need_id_and_org(world: World) -> None:
         400,
         "org_id",
     )
+    for bad in ("1.5", "1e-1", "01", "0x1", " 1", "1e400", "NaN", "\uff11"):
+        response = world.client.get(API, params={"org_id": bad}, headers=world.bearer())
+        assert_error(response, 400, "'org_id' must be an integer")
+
+
+def test_query_integers_may_be_written_as_whole_json_numbers(world: World) -> None:
+    """As in bodies (and JSON Schema), 7.0 and 7e0 are the integer 7 in a query string too."""
+    key = world.create_key()
+    for written in (f"{world.org_id}.0", f"{world.org_id}e0"):
+        response = world.client.get(API, params={"org_id": written}, headers=world.bearer())
+        assert response.status_code == 200, response.text
+        assert [k["id"] for k in response.json()["data"]] == [key["id"]]
+    response = world.client.delete(
+        API, params={"id": f"{key['id']}.0", "org_id": str(world.org_id)}, headers=world.bearer()
+    )
+    assert response.status_code == 200, response.text
 
 
 def test_key_of_another_org_is_404_and_untouched(world: World, settings) -> None:
