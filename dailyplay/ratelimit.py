@@ -50,6 +50,18 @@ def _retry_after(reset_ms: int, now_ms: int) -> str:
     return str(max(1, -(-(reset_ms - now_ms) // 1000)))
 
 
+def _too_many(message: str, window: _Window, now_ms: int) -> ApiError:
+    """The 429 for an exhausted window: Retry-After and X-RateLimit-* with nothing remaining."""
+    return ApiError(
+        429,
+        message,
+        headers={
+            "Retry-After": _retry_after(window.reset_ms, now_ms),
+            **rate_limit_headers(WindowState(window.item.amount, 0, window.reset_ms)),
+        },
+    )
+
+
 class _Window:
     """One clock-aligned fixed window of a given span for a limit amount."""
 
@@ -123,14 +135,11 @@ class KeyRateLimiter:
         for window in windows:
             if not self._limiter.test(window.item, *window.identifiers(subject)):
                 which = "per-minute" if window.span == "minute" else "per-day"
-                raise ApiError(
-                    429,
+                raise _too_many(
                     f"rate limit exceeded: this API key's {which} limit of "
                     f"{window.item.amount} requests is used up",
-                    headers={
-                        "Retry-After": _retry_after(window.reset_ms, now_ms),
-                        **rate_limit_headers(WindowState(window.item.amount, 0, window.reset_ms)),
-                    },
+                    window,
+                    now_ms,
                 )
         states = []
         for window in windows:
@@ -188,40 +197,32 @@ class KeyRateLimiter:
 class _PerClientLimiter:
     """A per-minute count per client IP, kept in this process (0: unlimited)."""
 
+    # The 429's message; {limit} is the per-minute limit.
+    refusal = ""
+
     def __init__(self, per_minute: int):
         self._per_minute = per_minute
         self._storage = MemoryStorage()
         self._limiter = FixedWindowRateLimiter(self._storage)
 
-    def _window(self, client_ip: str, now_ms: int) -> tuple[_Window, tuple[str, str]]:
+    def _admit(self, client_ip: str, now_ms: int, *, count: bool) -> None:
+        """429 when the client's minute is used up; count this request too when `count`."""
+        if self._per_minute <= 0:
+            return
         window = _Window("minute", self._per_minute, now_ms)
-        return window, window.identifiers(client_ip)
-
-    def _refuse(self, window: _Window, now_ms: int, message: str) -> ApiError:
-        return ApiError(
-            429,
-            message,
-            headers={
-                "Retry-After": _retry_after(window.reset_ms, now_ms),
-                **rate_limit_headers(WindowState(self._per_minute, 0, window.reset_ms)),
-            },
-        )
+        identifiers = window.identifiers(client_ip)
+        admitted = self._limiter.hit if count else self._limiter.test
+        if not admitted(window.item, *identifiers):
+            raise _too_many(self.refusal.format(limit=self._per_minute), window, now_ms)
 
 
 class PublicRateLimiter(_PerClientLimiter):
     """Requests per client IP per minute for the unauthenticated operations (0: unlimited)."""
 
+    refusal = "rate limit exceeded: at most {limit} requests per minute from one client address"
+
     def hit(self, client_ip: str, now_ms: int) -> None:
-        if self._per_minute <= 0:
-            return
-        window, identifiers = self._window(client_ip, now_ms)
-        if not self._limiter.hit(window.item, *identifiers):
-            raise self._refuse(
-                window,
-                now_ms,
-                f"rate limit exceeded: at most {self._per_minute} requests per minute from one "
-                "client address",
-            )
+        self._admit(client_ip, now_ms, count=True)
 
 
 class FailedAuthLimiter(_PerClientLimiter):
@@ -231,22 +232,18 @@ class FailedAuthLimiter(_PerClientLimiter):
     checked, so guessing keys or replaying stolen JWTs costs a minute per few dozen tries.
     """
 
+    refusal = (
+        "too many failed authentications from this address (at most {limit} a minute); "
+        "try again later"
+    )
+
     def check(self, client_ip: str, now_ms: int) -> None:
-        if self._per_minute <= 0:
-            return
-        window, identifiers = self._window(client_ip, now_ms)
-        if not self._limiter.test(window.item, *identifiers):
-            raise self._refuse(
-                window,
-                now_ms,
-                f"too many failed authentications from this address (at most "
-                f"{self._per_minute} a minute); try again later",
-            )
+        self._admit(client_ip, now_ms, count=False)
 
     def record_failure(self, client_ip: str, now_ms: int) -> None:
         if self._per_minute > 0:
-            window, identifiers = self._window(client_ip, now_ms)
-            self._limiter.hit(window.item, *identifiers)
+            window = _Window("minute", self._per_minute, now_ms)
+            self._limiter.hit(window.item, *window.identifiers(client_ip))
 
 
 async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:
