@@ -31,7 +31,7 @@ import httpx
 from dailyplay import config, db
 from dailyplay.clock import now_ms
 from dailyplay.demo import write_config
-from dailyplay.keys import generate_api_key, hash_api_key, key_prefix
+from dailyplay.keys import issue_api_key
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("create", "validate", "consume", "mixed")
@@ -155,27 +155,12 @@ def prepare_instance(directory: Path, workers: int) -> Instance:
     settings = settings.replace("server", workers=workers, log_level="warning")
     settings = settings.replace("limits", public_per_minute=0, failed_auth_per_minute=0)
     settings = settings.replace("sessions", default_expires_minutes=24 * 60)
-    raw_key = generate_api_key()
     conn = db.connect(settings.database)
     with db.transaction(conn):
         now = now_ms()
         org_id = int(db.create_org(conn, "Bench Games", "business", None, now)["id"])
-        row = db.insert_api_key(
-            conn,
-            (
-                org_id,
-                "bench",
-                None,
-                key_prefix(raw_key),
-                hash_api_key(raw_key),
-                None,
-                None,
-                1_000_000,
-                1_000_000_000,
-                None,
-                now,
-                now,
-            ),
+        raw_key, row = issue_api_key(
+            conn, org_id, "bench", now, per_minute=1_000_000, per_day=1_000_000_000
         )
     conn.close()
     path = directory / "bench.toml"

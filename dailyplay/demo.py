@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import config, db
 from .clock import now_ms
-from .keys import generate_api_key, hash_api_key, key_prefix
+from .keys import issue_api_key
 
 DEMO_ORG_EXTERNAL_ID = "org_demo"
 DEMO_ADMIN = "user_demo_admin"
@@ -88,23 +88,14 @@ def prepare_demo(
         )
         db.set_org_tier(conn, org_id, "business")
         db.upsert_member(conn, org_id, DEMO_ADMIN, "admin", now)
-    raw_key = generate_api_key()
-    key_row = db.insert_api_key(
+    raw_key, key_row = issue_api_key(
         conn,
-        (
-            org_id,
-            "demo key",
-            "made by dailyplay demo",
-            key_prefix(raw_key),
-            hash_api_key(raw_key),
-            None,
-            None,
-            60,
-            10_000,
-            None,
-            now,
-            now,
-        ),
+        org_id,
+        "demo key",
+        now,
+        description="made by dailyplay demo",
+        per_minute=60,
+        per_day=10_000,
     )
     conn.close()
     bearer = jwt.encode(

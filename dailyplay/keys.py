@@ -15,6 +15,7 @@ import functools
 import hashlib
 import re
 import secrets
+import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from .db import Database
+from .db import Database, insert_api_key
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
 PREFIX_LENGTH = 8
@@ -50,6 +51,39 @@ def key_prefix(raw_key: str) -> str:
 def hash_api_key(raw_key: str) -> str:
     """The argon2id hash stored for a key."""
     return _hasher.hash(raw_key)
+
+
+def issue_api_key(
+    conn: sqlite3.Connection,
+    org_id: int,
+    name: str,
+    now: int,
+    *,
+    description: str | None = None,
+    per_minute: int,
+    per_day: int,
+) -> tuple[str, sqlite3.Row]:
+    """A new key for org_id stored through a sync connection (the demo, the benchmark and test
+    set-up); returns the raw key, shown nowhere else, and the stored row."""
+    raw_key = generate_api_key()
+    row = insert_api_key(
+        conn,
+        (
+            org_id,
+            name,
+            description,
+            key_prefix(raw_key),
+            hash_api_key(raw_key),
+            None,
+            None,
+            per_minute,
+            per_day,
+            None,
+            now,
+            now,
+        ),
+    )
+    return raw_key, row
 
 
 def is_well_formed(raw_key: str) -> bool:

@@ -25,7 +25,7 @@ from schemathesis.python import asgi as schemathesis_asgi
 from dailyplay import config, db
 from dailyplay.app import create_app
 from dailyplay.clock import now_ms
-from dailyplay.keys import generate_api_key, hash_api_key, key_prefix
+from dailyplay.keys import issue_api_key
 
 FIXED_SEED = 20261128
 
@@ -64,26 +64,10 @@ class Credentials:
         admin = "user_fuzz_admin"
         self.managed_org = add_org(settings, "Fuzzed Games", members={admin: "admin"})
         self.key_org = add_org(settings, "Key Holder Games")
-        self.api_key = generate_api_key()
         conn = db.connect(settings.database)
         with db.transaction(conn):
-            now = now_ms()
-            db.insert_api_key(
-                conn,
-                (
-                    self.key_org,
-                    "fuzzing",
-                    None,
-                    key_prefix(self.api_key),
-                    hash_api_key(self.api_key),
-                    None,
-                    None,
-                    1_000_000,
-                    1_000_000_000,
-                    None,
-                    now,
-                    now,
-                ),
+            self.api_key, _ = issue_api_key(
+                conn, self.key_org, "fuzzing", now_ms(), per_minute=1_000_000, per_day=1_000_000_000
             )
         conn.close()
         self.jwt = signing.sign(claims_for(admin, lifetime=3600))
