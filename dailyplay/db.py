@@ -63,9 +63,12 @@ MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _connection_pragmas(settings: DatabaseSettings, read_only: bool) -> list[str]:
+def _connection_pragmas(
+    settings: DatabaseSettings, read_only: bool, busy_timeout_ms: int | None = None
+) -> list[str]:
+    busy_timeout_ms = settings.busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
     pragmas = [
-        f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}",
+        f"PRAGMA busy_timeout = {int(busy_timeout_ms)}",
         "PRAGMA foreign_keys = ON",
         f"PRAGMA synchronous = {settings.synchronous.upper()}",
         # Token lookups on a large table stay in memory: 64 MiB page cache and reads through
@@ -230,7 +233,7 @@ class Database:
         self.settings = settings
         self._writer: aiosqlite.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._pending: list[tuple[Work, asyncio.Future[Any]]] = []
+        self._pending: list[_Write] = []
         self._committer: asyncio.Task[None] | None = None
         self._writer_lock: WriterLock | None = None
 
@@ -247,9 +250,8 @@ class Database:
             self.settings.path, isolation_level=None, timeout=READER_BUSY_TIMEOUT_MS / 1000
         )
         reader.row_factory = sqlite3.Row
-        for pragma in _connection_pragmas(self.settings, read_only=True):
+        for pragma in _connection_pragmas(self.settings, True, READER_BUSY_TIMEOUT_MS):
             reader.execute(pragma)
-        reader.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
         self._reader = reader
         self._writer_lock = WriterLock(self.settings.path)
 
