@@ -1,7 +1,8 @@
 """Rate limits: per API key (per minute and per UTC day) and per client IP for public operations.
 
 Counting happens in process with the `limits` library (fixed windows aligned to the clock: the
-window's number is part of the counter's identity). Per-key counts are also added up in the
+window's number is part of the counter's identity), kept in WindowCounters, whose cost per hit
+does not grow with the number of active keys. Per-key counts are also added up in the
 database by a background flush about once a second, and read back when a process first sees a
 key in a window, so a restart does not hand out a fresh quota and several worker processes
 share one quota (each may overshoot by what the others admitted since their last flush).
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
-from limits.storage import MemoryStorage
+from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
 from .clock import now_ms as current_ms
@@ -62,6 +66,70 @@ def _too_many(message: str, window: _Window, now_ms: int) -> ApiError:
     )
 
 
+class WindowCounters(Storage):
+    """`limits` storage for fixed windows: plain counters in a dict, expired lazily.
+
+    limits' own MemoryStorage starts a timer thread about every 10 ms while it is being hit,
+    and each run walks every key, so its cost per hit grows with the number of active keys
+    (and the thread competes for the GIL). Here each counter's expiry goes on a heap when the
+    counter is created; every call first drops the counters whose time has passed (amortised
+    O(log n) per counter over its whole life, nothing per hit), so the cost of a hit does not
+    depend on how many keys are active. Used from the event loop's thread only.
+    """
+
+    STORAGE_SCHEME: ClassVar[list[str]] = ["dailyplay-memory"]
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str):
+        self._counts: dict[str, list[float]] = {}  # key -> [count, expires_at (monotonic)]
+        self._expiries: list[tuple[float, str]] = []
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return ValueError
+
+    def _expire(self, now: float) -> None:
+        expiries, counts = self._expiries, self._counts
+        while expiries and expiries[0][0] <= now:
+            at, key = heapq.heappop(expiries)
+            entry = counts.get(key)
+            if entry is not None and entry[1] == at:
+                del counts[key]
+
+    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        now = time.monotonic()
+        self._expire(now)
+        entry = self._counts.get(key)
+        if entry is None:
+            entry = self._counts[key] = [0, now + expiry]
+            heapq.heappush(self._expiries, (entry[1], key))
+        entry[0] += amount
+        return int(entry[0])
+
+    def get(self, key: str) -> int:
+        self._expire(time.monotonic())
+        entry = self._counts.get(key)
+        return 0 if entry is None else int(entry[0])
+
+    def get_expiry(self, key: str) -> float:
+        now = time.monotonic()
+        self._expire(now)
+        entry = self._counts.get(key)
+        return time.time() + (0.0 if entry is None else entry[1] - now)
+
+    def check(self) -> bool:
+        return True
+
+    def reset(self) -> int:
+        cleared = len(self._counts)
+        self._counts.clear()
+        self._expiries.clear()
+        return cleared
+
+    def clear(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+
 class _Window:
     """One clock-aligned fixed window of a given span for a limit amount."""
 
@@ -93,7 +161,7 @@ class KeyRateLimiter:
 
     def __init__(self, db: Database):
         self._db = db
-        self._storage = MemoryStorage()
+        self._storage = WindowCounters()
         self._limiter = FixedWindowRateLimiter(self._storage)
         self._seeded: set[str] = set()
         self._seeding: dict[str, asyncio.Future[None]] = {}
@@ -202,7 +270,7 @@ class _PerClientLimiter:
 
     def __init__(self, per_minute: int):
         self._per_minute = per_minute
-        self._storage = MemoryStorage()
+        self._storage = WindowCounters()
         self._limiter = FixedWindowRateLimiter(self._storage)
 
     def _admit(self, client_ip: str, now_ms: int, *, count: bool) -> None:
