@@ -133,7 +133,7 @@ class WindowCounters(Storage):
 class _Window:
     """One clock-aligned fixed window of a given span for a limit amount."""
 
-    def __init__(self, span: str, amount: int, now_ms: int):
+    def __init__(self, span: str, amount: int, now_ms: int, subject: str = ""):
         self.span = span
         self.length_ms = SPANS[span]
         self.period = now_ms // self.length_ms
@@ -141,6 +141,9 @@ class _Window:
         self.item: RateLimitItem = (
             RateLimitItemPerMinute(amount) if span == "minute" else RateLimitItemPerDay(amount)
         )
+        self.amount = amount
+        # The counter's key in the storage, as limits' strategies name it.
+        self.storage_key = self.item.key_for(*self.identifiers(subject))
 
     def identifiers(self, subject: str) -> tuple[str, str]:
         return subject, str(self.period)
@@ -156,25 +159,48 @@ class _Unflushed:
     window: _Window
 
 
+@dataclass
+class _KeyWindows:
+    """A key's minute and day windows as of its last request, reused while they last."""
+
+    minute: _Window
+    day: _Window
+    minute_slot: tuple[int, str, int]
+    day_slot: tuple[int, str, int]
+
+    def current(self, per_minute: int, per_day: int, now_ms: int) -> bool:
+        minute, day = self.minute, self.day
+        return (
+            minute.reset_ms - MINUTE_MS <= now_ms < minute.reset_ms
+            and day.reset_ms - DAY_MS <= now_ms < day.reset_ms
+            and minute.amount == per_minute
+            and day.amount == per_day
+        )
+
+
 class KeyRateLimiter:
-    """Per-key limits from the key's row, persisted and shared through the database."""
+    """Per-key limits from the key's row, persisted and shared through the database.
+
+    The fixed-window check is `limits`' (count in the window's counter, refuse past the
+    amount); it is done on the storage directly with each window's counter key computed once
+    per window rather than on every request.
+    """
 
     def __init__(self, db: Database):
         self._db = db
         self._storage = WindowCounters()
-        self._limiter = FixedWindowRateLimiter(self._storage)
         self._seeded: set[str] = set()
         self._seeding: dict[str, asyncio.Future[None]] = {}
         self._unflushed: dict[tuple[int, str, int], _Unflushed] = {}
         self._last_used: dict[int, int] = {}
+        self._windows: dict[int, _KeyWindows] = {}
 
     async def _seed(self, key_id: int, windows: list[_Window], now_ms: int) -> None:
         """Load what the database already counted for these windows, once per process."""
-        keys = {w.span: w.item.key_for(*w.identifiers(str(key_id))) for w in windows}
-        missing = [w for w in windows if keys[w.span] not in self._seeded]
+        missing = [w for w in windows if w.storage_key not in self._seeded]
         if not missing:
             return
-        marker = "|".join(keys[w.span] for w in missing)
+        marker = "|".join(w.storage_key for w in missing)
         pending = self._seeding.get(marker)
         if pending is not None:
             await asyncio.shield(pending)
@@ -189,40 +215,54 @@ class KeyRateLimiter:
             for window in missing:
                 hits = stored.get(window.span, 0)
                 if hits > 0:
-                    self._storage.incr(keys[window.span], window.expiry_seconds(now_ms), hits)
-                self._seeded.add(keys[window.span])
+                    self._storage.incr(window.storage_key, window.expiry_seconds(now_ms), hits)
+                self._seeded.add(window.storage_key)
         finally:
             del self._seeding[marker]
             future.set_result(None)
 
+    async def _windows_for(
+        self, key_id: int, per_minute: int, per_day: int, now_ms: int
+    ) -> _KeyWindows:
+        windows = self._windows.get(key_id)
+        if windows is not None and windows.current(per_minute, per_day, now_ms):
+            return windows
+        subject = str(key_id)
+        minute = _Window("minute", per_minute, now_ms, subject)
+        day = _Window("day", per_day, now_ms, subject)
+        await self._seed(key_id, [minute, day], now_ms)
+        windows = _KeyWindows(
+            minute, day, (key_id, "minute", minute.period), (key_id, "day", day.period)
+        )
+        self._windows[key_id] = windows
+        return windows
+
     async def hit(self, key_id: int, per_minute: int, per_day: int, now_ms: int) -> WindowState:
         """Count one request; ApiError 429 (nothing counted) when either window is exhausted."""
-        windows = [_Window("minute", per_minute, now_ms), _Window("day", per_day, now_ms)]
-        await self._seed(key_id, windows, now_ms)
-        subject = str(key_id)
-        for window in windows:
-            if not self._limiter.test(window.item, *window.identifiers(subject)):
+        windows = await self._windows_for(key_id, per_minute, per_day, now_ms)
+        storage = self._storage
+        for window in (windows.minute, windows.day):
+            if storage.get(window.storage_key) >= window.amount:
                 which = "per-minute" if window.span == "minute" else "per-day"
                 raise _too_many(
                     f"rate limit exceeded: this API key's {which} limit of "
-                    f"{window.item.amount} requests is used up",
+                    f"{window.amount} requests is used up",
                     window,
                     now_ms,
                 )
-        states = []
-        for window in windows:
-            identifiers = window.identifiers(subject)
-            self._limiter.hit(window.item, *identifiers)
-            storage_key = window.item.key_for(*identifiers)
-            entry = self._unflushed.setdefault(
-                (key_id, window.span, window.period), _Unflushed(0, storage_key, window)
-            )
+        tightest: WindowState | None = None
+        counted = ((windows.minute, windows.minute_slot), (windows.day, windows.day_slot))
+        for window, slot in counted:
+            used = storage.incr(window.storage_key, window.expiry_seconds(now_ms))
+            entry = self._unflushed.get(slot)
+            if entry is None:
+                entry = self._unflushed[slot] = _Unflushed(0, window.storage_key, window)
             entry.hits += 1
-            used = self._storage.get(storage_key)
-            states.append(
-                WindowState(window.item.amount, max(0, window.item.amount - used), window.reset_ms)
-            )
-        return min(states, key=lambda s: s.remaining)
+            remaining = max(0, window.amount - used)
+            if tightest is None or remaining < tightest.remaining:
+                tightest = WindowState(window.amount, remaining, window.reset_ms)
+        assert tightest is not None
+        return tightest
 
     def note_used(self, key_id: int, now_ms: int) -> None:
         """Remember that a key was used; stored by the next flush, not per request."""
@@ -260,6 +300,7 @@ class KeyRateLimiter:
         await self._db.prune_rate_counters(now_ms // MINUTE_MS - 1, now_ms // DAY_MS - 1)
         if len(self._seeded) > 100_000:
             self._seeded.clear()
+        self._windows = {k: w for k, w in self._windows.items() if w.minute.reset_ms > now_ms}
 
 
 class _PerClientLimiter:
