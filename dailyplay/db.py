@@ -1,8 +1,9 @@
 """The SQLite layer: connections, PRAGMAs, migrations and every SQL statement the service runs.
 
-The server uses `Database` (aiosqlite): one writer connection whose multi-statement writes run as
-`BEGIN IMMEDIATE` transactions under an asyncio lock, and one read-only connection for reads.
-The CLI uses the synchronous helpers at the bottom on a plain sqlite3 connection.
+The server uses `Database`: one writer thread that owns the writing connection and commits writes
+in groups (each group one `BEGIN IMMEDIATE` transaction, run in one call to that thread), and one
+read-only connection used directly for reads. The CLI uses the synchronous helpers on a plain
+sqlite3 connection.
 Everything else calls the named operations here and never holds SQL of its own.
 """
 
@@ -13,13 +14,12 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
-
-import aiosqlite
 
 from .config import DatabaseSettings
 
@@ -192,7 +192,8 @@ MAX_GROUP = 256
 # in WAL mode they never wait for writers, so this bound only matters in rare recovery moments.
 READER_BUSY_TIMEOUT_MS = 200
 
-Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
+# A write of several statements: runs on the writer thread inside the group's transaction.
+Work = Callable[[sqlite3.Connection], Any]
 
 
 class WriterLock:
@@ -223,29 +224,27 @@ class WriterLock:
 class Database:
     """The service's storage: named async operations over one SQLite file.
 
-    Writes go through one aiosqlite connection in group commits: writes that arrive together run
-    in one BEGIN IMMEDIATE transaction with one COMMIT (one fsync under synchronous=FULL), and
+    Writes go through group commits on one writer thread (the pattern of Datasette's
+    `execute_write_fn`): writes that arrive together run in one BEGIN IMMEDIATE transaction with
+    one COMMIT (one fsync under synchronous=FULL), the whole group in one call to the thread, and
     each caller resumes only after the COMMIT that made its write durable. Reads use a separate
-    read-only connection directly.
+    read-only connection directly on the event loop.
     """
 
     def __init__(self, settings: DatabaseSettings):
         self.settings = settings
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None
         self._pending: list[_Write] = []
         self._committer: asyncio.Task[None] | None = None
         self._writer_lock: WriterLock | None = None
 
     async def open(self) -> None:
-        """Migrate the file, then open the writer and the read-only connection."""
-        await asyncio.to_thread(self._migrate)
-        self._writer = await aiosqlite.connect(
-            self.settings.path, isolation_level=None, timeout=self.settings.busy_timeout_ms / 1000
-        )
-        self._writer.row_factory = sqlite3.Row
-        for pragma in _connection_pragmas(self.settings, read_only=False):
-            await self._writer.execute(pragma)
+        """Migrate the file, then open the writer (on its thread) and the read-only connection."""
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="dailyplay-writer")
+        # The writing connection is made, used and closed on the writer thread only.
+        self._writer = await self._on_writer_thread(connect, self.settings)
         reader = sqlite3.connect(
             self.settings.path, isolation_level=None, timeout=READER_BUSY_TIMEOUT_MS / 1000
         )
@@ -255,27 +254,34 @@ class Database:
         self._reader = reader
         self._writer_lock = WriterLock(self.settings.path)
 
-    def _migrate(self) -> None:
-        conn = connect(self.settings)
-        conn.close()
-
     async def close(self) -> None:
         """Finish queued writes, checkpoint the WAL into the main file, close both connections."""
         while self._committer is not None and not self._committer.done():
             await self._committer
-        if self._writer is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if self._reader is not None:
             self._reader.close()
         if self._writer is not None:
-            await self._writer.close()
+            await self._on_writer_thread(_checkpoint_and_close, self._writer)
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=True)
         if self._writer_lock is not None:
             self._writer_lock.close()
-        self._reader = self._writer = self._writer_lock = None
+        self._reader = self._writer = self._writer_lock = self._writer_thread = None
+
+    async def _on_writer_thread(self, function: Callable[..., T], *args: Any) -> T:
+        if self._writer_thread is None:
+            raise RuntimeError("database is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer_thread, function, *args)
+
+    async def run_on_writer(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """function(writing connection) on the writer thread, outside any group (tests,
+        maintenance); it must not leave a transaction open."""
+        return await self._on_writer_thread(function, self.writer)
 
     @property
-    def writer(self) -> aiosqlite.Connection:
+    def writer(self) -> sqlite3.Connection:
+        """The writing connection; use it only on the writer thread (run_on_writer)."""
         if self._writer is None:
             raise RuntimeError("database is not open")
         return self._writer
@@ -295,8 +301,9 @@ class Database:
             self._committer = asyncio.create_task(self._commit_groups())
         return future
 
-    async def _in_transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        """Run work inside the next group commit; return its result once that is committed."""
+    async def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run work (on the writer thread) inside the next group commit; return its result once
+        that is committed."""
         result: T = await self._enqueue("work", work)
         return result
 
@@ -313,37 +320,24 @@ class Database:
                 lock.release()
 
     async def _commit_group(self, group: list[_Write]) -> None:
-        conn = self.writer
+        writes = [(item.kind, item.payload) for item in group]
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-        except Exception as exc:  # e.g. locked past busy_timeout: every caller gets it (503)
+            outcomes = await self._on_writer_thread(_commit_writes, self.writer, writes)
+        except BaseException as exc:
             _fail(group, exc)
-            return
-        try:
-            results = await _run_group(conn, group)
-            await conn.execute("COMMIT")
-        except Exception as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.execute("ROLLBACK")
-            if len(group) == 1:
-                _fail(group, exc)
-                return
-            # One write failed and took the group down: run each alone, so it fails by itself.
-            for item in group:
-                await self._commit_group([item])
-            return
-        for item, result in zip(group, results, strict=True):
-            if not item.future.done():
-                item.future.set_result(result)
+            raise
+        for item, (succeeded, value) in zip(group, outcomes, strict=True):
+            if item.future.done():  # the caller went away; its write stands or failed anyway
+                continue
+            if succeeded:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
 
     async def _write_one(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
         """One statement in the next group commit; all RETURNING rows are read inside it."""
         values = tuple(params)
-
-        async def work(conn: aiosqlite.Connection) -> list[sqlite3.Row]:
-            return list(await conn.execute_fetchall(sql, values))
-
-        return await self._in_transaction(work)
+        return await self._in_transaction(lambda conn: conn.execute(sql, values).fetchall())
 
     async def _read_one(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.reader.execute(sql, tuple(params)).fetchone()
@@ -388,21 +382,18 @@ class Database:
         if unknown:
             raise ValueError(f"not a mutable API key column: {sorted(unknown)}")
 
-        async def work(conn: aiosqlite.Connection) -> tuple[sqlite3.Row | None, int]:
+        def work(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, int]:
             assignments = ", ".join(f"{column} = ?" for column in changes)
-            rows = list(
-                await conn.execute_fetchall(
-                    f"UPDATE api_keys SET {assignments}, updated_at = ?"
-                    f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
-                    (*changes.values(), now, key_id, org_id),
-                )
-            )
+            rows = conn.execute(
+                f"UPDATE api_keys SET {assignments}, updated_at = ?"
+                f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
+                (*changes.values(), now, key_id, org_id),
+            ).fetchall()
             if not rows:
                 return None, 0
             revoked = 0
             if changes.get("is_active") == 0:
-                cursor = await conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now))
-                revoked = cursor.rowcount
+                revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
             return rows[0], revoked
 
         return await self._in_transaction(work)
@@ -410,16 +401,15 @@ class Database:
     async def delete_api_key(self, org_id: int, key_id: int, now: int) -> int | None:
         """Revoke a key's live tokens and delete it, in one transaction; None if not in the org."""
 
-        async def work(conn: aiosqlite.Connection) -> int | None:
-            async with conn.execute(
+        def work(conn: sqlite3.Connection) -> int | None:
+            found = conn.execute(
                 "SELECT 1 FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
-            ) as cursor:
-                if await cursor.fetchone() is None:
-                    return None
-            cursor = await conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now))
-            revoked = cursor.rowcount
-            await conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
-            return revoked
+            ).fetchone()
+            if found is None:
+                return None
+            revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
+            conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+            return int(revoked)
 
         return await self._in_transaction(work)
 
@@ -444,21 +434,21 @@ class Database:
     ) -> dict[tuple[int, str, int], int]:
         """Store last_used_at and add this process's rate-limit counts; returns the new totals."""
 
-        async def work(conn: aiosqlite.Connection) -> dict[tuple[int, str, int], int]:
-            await conn.executemany(
+        def work(conn: sqlite3.Connection) -> dict[tuple[int, str, int], int]:
+            conn.executemany(
                 "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
                 [(used, key_id) for key_id, used in last_used.items()],
             )
             totals: dict[tuple[int, str, int], int] = {}
             for (key_id, span, period), delta in counter_deltas.items():
-                rows = await conn.execute_fetchall(
+                rows = conn.execute(
                     "INSERT INTO rate_counters (api_key_id, span, period, hits)"
                     " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?)"
                     " ON CONFLICT (api_key_id, span, period)"
                     " DO UPDATE SET hits = hits + excluded.hits"
                     " RETURNING hits",
                     (key_id, span, period, delta, key_id),
-                )
+                ).fetchall()
                 for row in rows:
                     totals[(key_id, span, period)] = int(row[0])
             return totals
@@ -589,45 +579,73 @@ def _fail(group: list[_Write], exc: BaseException) -> None:
             item.future.set_exception(exc)
 
 
-# Same-kind hot writes of one group share a statement: one hop to the writer thread for all.
+# Same-kind hot writes of one group share a statement; a statement binds at most this many rows.
 ROWS_PER_STATEMENT = 200
 
 
-async def _run_group(conn: aiosqlite.Connection, group: list[_Write]) -> list[Any]:
+def _commit_writes(
+    conn: sqlite3.Connection, writes: list[tuple[str, Any]]
+) -> list[tuple[bool, Any]]:
+    """On the writer thread: one transaction for all writes; (succeeded, result or exception)
+    for each. A write that fails takes its group down; then each runs alone, so it fails by
+    itself and the others still commit."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except Exception as exc:  # e.g. locked past busy_timeout: every caller gets it (503)
+        return [(False, exc)] * len(writes)
+    try:
+        results = _run_group(conn, writes)
+        conn.execute("COMMIT")
+    except Exception as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if len(writes) == 1:
+            return [(False, exc)]
+        return [outcome for write in writes for outcome in _commit_writes(conn, [write])]
+    return [(True, result) for result in results]
+
+
+def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[Any]:
     """Every write of the group inside the open transaction; results in the group's order.
 
     The writes of a group were all in flight together, so any order is a valid one: general
     work runs first in arrival order, then the token inserts, then the consumptions.
     """
-    results: list[Any] = [None] * len(group)
+    results: list[Any] = [None] * len(writes)
     inserts, consumes = [], []
-    for index, item in enumerate(group):
-        if item.kind == "work":
-            results[index] = await item.payload(conn)
-        elif item.kind == "insert_session":
+    for index, (kind, payload) in enumerate(writes):
+        if kind == "work":
+            results[index] = payload(conn)
+        elif kind == "insert_session":
             inserts.append(index)
         else:
             consumes.append(index)
     for start in range(0, len(inserts), ROWS_PER_STATEMENT):
         chunk = inserts[start : start + ROWS_PER_STATEMENT]
-        rows = await conn.execute_fetchall(
+        rows = conn.execute(
             INSERT_SESSION_HEAD + ", ".join([SESSION_ROW] * len(chunk)) + " RETURNING token, id",
-            [value for index in chunk for value in group[index].payload],
-        )
+            [value for index in chunk for value in writes[index][1]],
+        ).fetchall()
         ids = {bytes(row[0]): int(row[1]) for row in rows}
         for index in chunk:
-            results[index] = ids[group[index].payload[0]]
+            results[index] = ids[writes[index][1][0]]
     for start in range(0, len(consumes), ROWS_PER_STATEMENT):
         chunk = consumes[start : start + ROWS_PER_STATEMENT]
-        rows = await conn.execute_fetchall(
+        rows = conn.execute(
             CONSUME_SESSIONS.format(batch=", ".join(["(?, ?, ?, ?)"] * len(chunk))),
-            [value for i, index in enumerate(chunk) for value in (i, *group[index].payload)],
-        )
+            [value for i, index in enumerate(chunk) for value in (i, *writes[index][1])],
+        ).fetchall()
         won = {bytes(row["token"]): row for row in rows}
         # A token asked for twice in one group is won by the first asker only.
         for index in chunk:
-            results[index] = won.pop(group[index].payload[0], None)
+            results[index] = won.pop(writes[index][1][0], None)
     return results
+
+
+def _checkpoint_and_close(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    conn.close()
 
 
 def insert_sessions(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:

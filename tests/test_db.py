@@ -24,8 +24,10 @@ def run(settings: config.Settings, scenario: Any) -> Any:
         database = db.Database(settings.database)
         await database.open()
         commits: list[str] = []
-        await database.writer.set_trace_callback(
-            lambda statement: commits.append(statement) if statement == "COMMIT" else None
+        await database.run_on_writer(
+            lambda conn: conn.set_trace_callback(
+                lambda statement: commits.append(statement) if statement == "COMMIT" else None
+            )
         )
         try:
             return await scenario(database, commits)

@@ -5,6 +5,7 @@ hold up session operations."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import statistics
 import time
 import uuid
@@ -220,13 +221,12 @@ def test_the_writer_runs_in_wal_mode_with_the_configured_synchronous(
     with running_app(settings) as client:
         database = client.app.state.services.db
 
+        def read(conn: sqlite3.Connection) -> dict[str, object]:
+            names = ("journal_mode", "synchronous", "busy_timeout")
+            return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+
         async def pragmas() -> dict[str, object]:
-            found = {}
-            for name in ("journal_mode", "synchronous", "busy_timeout"):
-                async with database.writer.execute(f"PRAGMA {name}") as cursor:
-                    row = await cursor.fetchone()
-                    found[name] = row[0]
-            return found
+            return await database.run_on_writer(read)
 
         assert client.portal.call(pragmas) == {
             "journal_mode": "wal",
