@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,9 +45,10 @@ class Server:
     process: subprocess.Popen[bytes]
     url: str
 
-    def rss_kb(self) -> int:
-        """Resident memory of the server and its worker processes."""
-        total = 0
+    def memory_kb(self) -> dict[str, int]:
+        """VmRSS, RssAnon (the heap) and RssFile (mapped files: the database through mmap) of
+        the server and its worker processes, in KiB."""
+        totals = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
         pids = [self.process.pid]
         with contextlib.suppress(OSError, ValueError):
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
@@ -54,9 +56,10 @@ class Server:
         for pid in pids:
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return total
+                    name, _, value = line.partition(":")
+                    if name in totals:
+                        totals[name] += int(value.split()[0])
+        return totals
 
 
 def free_port() -> int:
@@ -236,7 +239,10 @@ def measure_workers(workers: int, args: argparse.Namespace, work: Path) -> dict[
             results["dailyplay"][workload] = run_wrk(
                 server.url, workload, args, instance.key, token_files.get(workload)
             )
-        results["rss_kb_after"] = server.rss_kb()
+        memory = server.memory_kb()
+        results["rss_kb_after"] = memory["VmRSS"]
+        results["rss_anon_kb_after"] = memory["RssAnon"]
+        results["rss_file_kb_after"] = memory["RssFile"]
     for workload, bare_mode in BARE_FOR.items():
         measured = results["dailyplay"][workload]
         ceiling = results["bare"][bare_mode]
@@ -275,6 +281,63 @@ def measure_table_sizes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return found
 
 
+def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """1 worker under the mixed workload for args.soak seconds, memory sampled as it runs."""
+    instance = prepare_instance(work / "soak", 1)
+    tokens = work / "tokens-soak.txt"
+    seed_tokens(instance, args.soak_tokens, tokens)
+    port = free_port()
+    instance.settings = instance.settings.replace("server", port=port)
+    write_config(instance.settings, instance.config_path)
+    samples: list[dict[str, Any]] = []
+    stop = threading.Event()
+    with running(serve_command(instance), port, "/openapi.json", work / "servers.log") as server:
+
+        def sample() -> None:
+            started = time.monotonic()
+            while not stop.wait(args.soak_interval):
+                samples.append({"t_s": round(time.monotonic() - started), **server.memory_kb()})
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            load = run_wrk(
+                server.url, "mixed", argparse.Namespace(**{**vars(args), "duration": args.soak}),
+                instance.key, tokens,
+            )  # fmt: skip
+        finally:
+            stop.set()
+            sampler.join()
+    # The first minute fills caches and pools; growth is judged on what follows.
+    settled = [s for s in samples if s["t_s"] >= min(60, args.soak // 4)] or samples
+    minutes = max((settled[-1]["t_s"] - settled[0]["t_s"]) / 60, 1 / 60)
+    anon_first, anon_last = settled[0]["RssAnon"], settled[-1]["RssAnon"]
+    return {
+        "seconds": args.soak,
+        "load": load,
+        "samples": samples,
+        "anon_mb_settled": round(anon_first / 1024, 1),
+        "anon_mb_end": round(anon_last / 1024, 1),
+        "anon_mb_max": round(max(s["RssAnon"] for s in settled) / 1024, 1),
+        "anon_mb_per_minute": round((anon_last - anon_first) / 1024 / minutes, 2),
+        "file_mb_end": round(settled[-1]["RssFile"] / 1024, 1),
+    }
+
+
+def print_soak(entry: dict[str, Any]) -> None:
+    load = entry["load"]
+    print(f"\nsoak: mixed 1:2:1, 1 worker, {entry['seconds']} s")
+    print(
+        f"  {load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms,"
+        f" non-2xx {load['non_2xx']}"
+    )
+    print(
+        f"  heap (RssAnon) {entry['anon_mb_settled']} MB after warm-up -> {entry['anon_mb_end']}"
+        f" MB at the end (max {entry['anon_mb_max']}; {entry['anon_mb_per_minute']:+} MB/min);"
+        f" database pages mapped (RssFile) {entry['file_mb_end']} MB"
+    )
+
+
 def print_table(results: dict[str, Any]) -> None:
     print(f"\nDailyPlay benchmark — {results['machine']}")
     print(f"wrk -t{results['threads']} -c{results['connections']} -d{results['duration_s']}s\n")
@@ -292,7 +355,11 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{workers:>7}  {mode:<9} {m['rps']:>9.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f}"
                 f" {ratio!s:>7} {m['non_2xx']:>8}"
             )
-        print(f"{'':>7}  RSS after: {entry['rss_kb_after'] / 1024:.1f} MB")
+        print(
+            f"{'':>7}  RSS after: {entry['rss_kb_after'] / 1024:.1f} MB (heap"
+            f" {entry['rss_anon_kb_after'] / 1024:.1f} MB, mapped database and code"
+            f" {entry['rss_file_kb_after'] / 1024:.1f} MB)"
+        )
     if results.get("table_sizes"):
         print("\ntokens already stored (1 worker): req/s create / validate / consume, DB size")
         for size, entry in results["table_sizes"].items():
@@ -317,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--tokens-per-workload", type=int, default=200_000)
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument(
+        "--soak", type=int, default=0, metavar="SECONDS",
+        help="only the memory run: 1 worker under the mixed workload this long (e.g. 600)",
+    )  # fmt: skip
+    parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
+    parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     if args.smoke:
         args.duration, args.workers, args.sizes = 1, [1], [0]
@@ -335,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="dailyplay-bench-") as tmp:
         work = Path(tmp)
+        if args.soak:
+            results["soak"] = soak(args, work)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            print_soak(results["soak"])
+            print(f"\nwritten: {args.out}")
+            return 0
         for workers in args.workers:
             results["workers"][str(workers)] = measure_workers(workers, args, work)
         if args.sizes:

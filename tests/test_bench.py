@@ -45,3 +45,38 @@ def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None
             ["ps", "-eo", "args"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+
+def test_the_memory_soak_samples_the_server_as_it_runs(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is needed for the benchmark (.ci/run installs it)")
+    out = tmp_path / "soak.json"
+    options = ["--soak", "6", "--soak-interval", "1", "--soak-tokens", "5000", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    soak = json.loads(out.read_text())["soak"]
+    assert soak["load"]["rps"] > 0 and soak["load"]["socket_errors"] == 0
+    assert len(soak["samples"]) >= 4
+    assert all(sample["RssAnon"] > 0 for sample in soak["samples"])
+    assert "heap (RssAnon)" in result.stdout
+
+
+def test_the_rate_limiter_benchmark_compares_storages() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.limiter", "--keys", "1", "100", "--hits", "400", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(result.stdout)
+    for storage in ("limits MemoryStorage", "dailyplay WindowCounters"):
+        assert set(found["us_per_hit"][storage]) == {"1", "100"}
