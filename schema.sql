@@ -1,6 +1,7 @@
--- DailyPlay schema, version 1.
+-- DailyPlay schema, version 2 (the whole schema: a new database gets it in one step; older files
+-- are brought here by the later steps in dailyplay/db.py MIGRATIONS).
 -- Applied by `dailyplay init-db` and at server start inside one BEGIN IMMEDIATE transaction,
--- together with `PRAGMA user_version = 1`. Times are integer milliseconds since the Unix epoch, UTC.
+-- together with `PRAGMA user_version`. Times are integer milliseconds since the Unix epoch, UTC.
 
 CREATE TABLE IF NOT EXISTS orgs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,3 +70,16 @@ CREATE TABLE IF NOT EXISTS rate_counters (
     hits       INTEGER NOT NULL,
     PRIMARY KEY (api_key_id, span, period)
 ) WITHOUT ROWID;
+
+-- One row, rewritten by GET /readyz: proves that a write reaches the file (added in version 2).
+CREATE TABLE IF NOT EXISTS readiness (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at INTEGER NOT NULL
+);
+
+-- Retention (added in version 2): finished tokens are found by when they finished.
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+CREATE INDEX IF NOT EXISTS sessions_consumed_by_time ON sessions (consumed_at)
+    WHERE status = 'consumed';
+CREATE INDEX IF NOT EXISTS sessions_revoked_by_time ON sessions (revoked_at)
+    WHERE status = 'revoked';

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import ipaddress
@@ -23,11 +24,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import config
 from .api import Services, handle_org_api_keys
 from .auth import JwtVerifier
-from .db import Database
+from .clock import now_ms
+from .db import SCHEMA_VERSION, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier
 from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
+from .retention import run_retention
 
 log = logging.getLogger("dailyplay")
 
@@ -102,7 +105,8 @@ class ConcurrencyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit:
+        # Liveness is answered even at capacity: a busy process is not a dead one.
+        if self.active >= self.limit and scope["path"] != "/healthz":
             response = error_response(
                 503, "the server is at capacity; try again shortly", {"Retry-After": "1"}
             )
@@ -169,6 +173,49 @@ def document_routes(settings: config.Settings) -> list[Route]:
     ]
 
 
+# Longest a readiness check waits for its write before answering 503.
+READY_TIMEOUT_SECONDS = 5.0
+
+
+def health_routes() -> list[Route]:
+    """GET /healthz (the process answers) and GET /readyz (the database takes reads and writes
+    and has this program's schema)."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"success": True, "data": {"status": "ok"}})
+
+    async def readyz(request: Request) -> Response:
+        db: Database = request.app.state.services.db
+        try:
+            version = db.schema_version()
+        except sqlite3.Error as exc:
+            return _not_ready(f"database cannot be read: {exc}")
+        if version != SCHEMA_VERSION:
+            return _not_ready(
+                f"database schema version is {version}, this program needs {SCHEMA_VERSION}"
+            )
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                await db.probe_write(now_ms())
+        except TimeoutError:
+            return _not_ready(f"a database write took longer than {READY_TIMEOUT_SECONDS:g} s")
+        except sqlite3.Error as exc:
+            return _not_ready(f"database cannot be written: {exc}")
+        return JSONResponse(
+            {"success": True, "data": {"status": "ready", "schema_version": version}}
+        )
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+
+
+def _not_ready(reason: str) -> Response:
+    log.warning("not ready: %s", reason)
+    return error_response(503, f"not ready: {reason}", {"Retry-After": "5"})
+
+
 def create_app(settings: config.Settings | None = None) -> Starlette:
     """The ASGI application for one process; resources open in its lifespan."""
     settings = settings or config.load()
@@ -193,10 +240,14 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         # Everything made so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise walk it every few seconds under load (tens of ms each).
         gc.freeze()
+        retention = asyncio.create_task(run_retention(db, settings.sessions.retention_days))
         try:
             async with flushing(key_limiter):
                 yield
         finally:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             await db.close()
 
     middleware = [
@@ -214,7 +265,11 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[Route("/api/org-api-keys", OrgApiKeysEndpoint()), *document_routes(settings)],
+        routes=[
+            Route("/api/org-api-keys", OrgApiKeysEndpoint()),
+            *document_routes(settings),
+            *health_routes(),
+        ],
         middleware=middleware,
         exception_handlers={
             ApiError: _api_error,

@@ -1,4 +1,5 @@
-"""The `dailyplay` command: serve, init-db, org, member, demo. Each prints JSON on stdout."""
+"""The `dailyplay` command: serve, init-db, purge, backup, org, member, demo. Each prints JSON
+on stdout."""
 
 from __future__ import annotations
 
@@ -67,6 +68,86 @@ def _org_id(value: str) -> int:
 
 
 # --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_purge(args: argparse.Namespace) -> None:
+    from .retention import cutoff_ms, purge
+
+    settings = _settings(args)
+    days = (
+        settings.sessions.retention_days if args.older_than_days is None else args.older_than_days
+    )
+    if days <= 0:
+        raise CliError(
+            "sessions.retention_days is 0 (keep forever); give --older-than-days N to purge",
+            EXIT_USAGE,
+        )
+    conn = _connect(settings)
+    try:
+        cutoff = cutoff_ms(now_ms(), days)
+        count = purge(conn, cutoff, dry_run=args.dry_run)
+    except sqlite3.Error as exc:
+        raise CliError(f"purge failed: {exc}") from None
+    finally:
+        conn.close()
+    emit(
+        {
+            "older_than_days": days,
+            "finished_before": iso_from_ms(cutoff),
+            "would_delete" if args.dry_run else "deleted": count,
+        }
+    )
+
+
+def cmd_backup(args: argparse.Namespace) -> None:
+    """A consistent copy of the (possibly live) database through SQLite's online backup API."""
+    settings = _settings(args)
+    dest = Path(args.dest)
+    if dest.exists() and not args.force:
+        raise CliError(f"{dest} exists; choose a new file or pass --force", EXIT_USAGE)
+    if not dest.parent.is_dir():
+        raise CliError(f"directory does not exist: {dest.parent}", EXIT_USAGE)
+    partial = dest.with_name(dest.name + ".partial")
+    source = _connect(settings)
+    try:
+        partial.unlink(missing_ok=True)
+        target = sqlite3.connect(partial, isolation_level=None)
+        try:
+            # One step: the copy is one read snapshot (in WAL mode writers go on meanwhile).
+            source.backup(target)
+            check = target.execute("PRAGMA quick_check").fetchone()[0]
+            target.execute("PRAGMA journal_mode = DELETE")
+            version = target.execute("PRAGMA user_version").fetchone()[0]
+            sessions = target.execute("SELECT count(*) FROM sessions").fetchone()[0]
+        finally:
+            target.close()
+        if check != "ok":
+            raise CliError(f"the copy failed its integrity check: {check}")
+        os.replace(partial, dest)
+    except (sqlite3.Error, OSError) as exc:
+        raise CliError(f"backup failed: {exc}") from None
+    finally:
+        source.close()
+        partial.unlink(missing_ok=True)
+    emit(
+        {
+            "backup": str(dest.resolve()),
+            "bytes": dest.stat().st_size,
+            "schema_version": version,
+            "sessions": sessions,
+            "integrity": check,
+        }
+    )
+
+
+def _days(value: str) -> int:
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number of days") from None
+    if not 1 <= days <= 36_500:
+        raise argparse.ArgumentTypeError("must be 1..36500")
+    return days
 
 
 def cmd_init_db(args: argparse.Namespace) -> None:
@@ -283,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init-db", parents=[common], help="create or migrate the database")
     init.set_defaults(func=cmd_init_db)
+
+    purge_cmd = commands.add_parser(
+        "purge", parents=[common], help="delete finished session tokens past retention"
+    )
+    purge_cmd.add_argument("--older-than-days", type=_days, help="default: sessions.retention_days")
+    purge_cmd.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    purge_cmd.set_defaults(func=cmd_purge)
+
+    backup = commands.add_parser(
+        "backup", parents=[common], help="copy the database, live or not, to a new file"
+    )
+    backup.add_argument("dest", help="the backup file to write")
+    backup.add_argument("--force", action="store_true", help="replace dest if it exists")
+    backup.set_defaults(func=cmd_backup)
 
     org = commands.add_parser("org", parents=[common], help="manage organizations")
     org_commands = org.add_subparsers(dest="org_command", metavar="ACTION", required=True)

@@ -67,6 +67,9 @@ class SessionSettings:
         1440, "token lifetime when expires_in_minutes is absent"
     )
     max_expires_minutes: int = _setting(MAX_EXPIRES_MINUTES, "largest expires_in_minutes accepted")
+    retention_days: int = _setting(
+        30, "finished (consumed, expired, revoked) tokens are deleted this long after (0: never)"
+    )
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,7 @@ def _check_ranges(s: Settings) -> None:
         1 <= s.sessions.default_expires_minutes <= s.sessions.max_expires_minutes,
         "sessions.default_expires_minutes must be between 1 and sessions.max_expires_minutes",
     )
+    need(0 <= s.sessions.retention_days <= 36_500, "sessions.retention_days must be 0..36500")
     need(s.limits.public_per_minute >= 0, "limits.public_per_minute must be >= 0")
     need(s.limits.failed_auth_per_minute >= 0, "limits.failed_auth_per_minute must be >= 0")
     need(1 <= s.limits.body_timeout_seconds <= 300, "limits.body_timeout_seconds must be 1..300")

@@ -57,8 +57,23 @@ def _statements(script: str) -> list[str]:
 
 
 # Ordered, named migration steps; step N brings the file to PRAGMA user_version N.
+VERSION_2 = """
+CREATE TABLE IF NOT EXISTS readiness (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+CREATE INDEX IF NOT EXISTS sessions_consumed_by_time ON sessions (consumed_at)
+    WHERE status = 'consumed';
+CREATE INDEX IF NOT EXISTS sessions_revoked_by_time ON sessions (revoked_at)
+    WHERE status = 'revoked';
+"""
+
+# Step 1 is the whole current schema.sql (every statement IF NOT EXISTS), so a new file is
+# complete after it and the later steps change nothing there; they bring older files up.
 MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
+    ("readiness probe row; retention indexes", lambda: VERSION_2),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -186,6 +201,8 @@ MUTABLE_KEY_COLUMNS = frozenset(
 )
 
 
+# Tokens deleted per transaction by retention.
+PURGE_BATCH = 500
 # Most writes one group commit may carry (they share one transaction and one fsync).
 MAX_GROUP = 256
 # Reads run on the event loop (an indexed lookup costs microseconds, less than a hop to a thread);
@@ -345,6 +362,34 @@ class Database:
 
     async def _read_all(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
         return self.reader.execute(sql, tuple(params)).fetchall()
+
+    # --- health ----------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """PRAGMA user_version as the read connection sees it."""
+        return int(self.reader.execute("PRAGMA user_version").fetchone()[0])
+
+    async def probe_write(self, now: int) -> None:
+        """Write one row through a group commit: the file takes writes and fsyncs."""
+        await self._write_one(
+            "INSERT INTO readiness (id, checked_at) VALUES (1, ?)"
+            " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            (now,),
+        )
+
+    # --- retention -------------------------------------------------------------------------------
+
+    async def purge_finished_sessions(self, cutoff: int, batch: int = PURGE_BATCH) -> int:
+        """Delete tokens that finished before cutoff, `batch` per transaction, so that each
+        holds the write lock briefly and other writes run in between; returns how many."""
+        deleted = 0
+        while True:
+            done = await self._in_transaction(
+                lambda conn: delete_finished_sessions(conn, cutoff, batch)
+            )
+            deleted += done
+            if done < batch:
+                return deleted
 
     # --- organizations -------------------------------------------------------------------------
 
@@ -646,6 +691,37 @@ def _checkpoint_and_close(conn: sqlite3.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     conn.close()
+
+
+# A token has finished when it expired, was consumed or was revoked; each way has its own
+# indexed time column, so every batch is a range scan, however large the table.
+_FINISHED_BEFORE = (
+    "expires_at < ?",
+    "status = 'consumed' AND consumed_at < ?",
+    "status = 'revoked' AND revoked_at < ?",
+)
+
+
+def delete_finished_sessions(conn: sqlite3.Connection, cutoff: int, batch: int) -> int:
+    """Delete up to `batch` tokens that finished before cutoff (in the caller's transaction)."""
+    deleted = 0
+    for condition in _FINISHED_BEFORE:
+        deleted += conn.execute(
+            f"DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE {condition} LIMIT ?)",
+            (cutoff, batch - deleted),
+        ).rowcount
+        if deleted >= batch:
+            break
+    return deleted
+
+
+def count_finished_sessions(conn: sqlite3.Connection, cutoff: int) -> int:
+    """How many tokens finished before cutoff (what a purge would delete)."""
+    row = conn.execute(
+        "SELECT count(*) FROM sessions WHERE " + " OR ".join(f"({c})" for c in _FINISHED_BEFORE),
+        (cutoff, cutoff, cutoff),
+    ).fetchone()
+    return int(row[0])
 
 
 def insert_sessions(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, run_cli
 
+from dailyplay import db
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
@@ -16,9 +18,9 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def test_init_db_creates_a_wal_database(env: dict[str, str], tmp_path: Path) -> None:
     data = cli_json("init-db", env=env)
-    assert data["schema_version"] == 1 and data["journal_mode"] == "wal"
+    assert data["schema_version"] == db.SCHEMA_VERSION and data["journal_mode"] == "wal"
     assert Path(data["database"]) == tmp_path / "cli.db"
-    assert cli_json("init-db", env=env)["schema_version"] == 1  # idempotent
+    assert cli_json("init-db", env=env)["schema_version"] == db.SCHEMA_VERSION  # again
 
 
 def test_org_and_member_lifecycle(env: dict[str, str]) -> None:

@@ -131,7 +131,7 @@ def test_document_and_app_serve_the_same_routes(client: AppClient) -> None:
     assert documented_routes(shipped_document()) == served_routes(client)
 
 
-@pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/healthz", "/readyz"])
 def test_document_routes_refuse_other_methods_in_the_error_shape(
     client: AppClient, path: str
 ) -> None:

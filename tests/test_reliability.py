@@ -145,6 +145,8 @@ def test_past_max_concurrent_requests_the_answer_is_an_immediate_503(
         assert time.monotonic() - started < 0.5
         assert_error(refused, 503, "at capacity")
         assert refused.headers["retry-after"] == "1"
+        # Liveness still answers: a busy process is not a dead one.
+        assert world.client.get("/healthz").status_code == 200
         assert [future.result() for future in slow] == [200, 200]
     # Capacity is given back once they finish.
     assert world.client.get(unknown_token_url()).status_code == 404

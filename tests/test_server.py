@@ -30,6 +30,8 @@ from conftest import (
     stop,
 )
 
+from dailyplay import db
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -273,7 +275,7 @@ def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> Non
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["schema_version"] == 1
+    assert json.loads(result.stdout)["schema_version"] == db.SCHEMA_VERSION
     # The served OpenAPI document is read from inside the wheel too.
     result = subprocess.run(
         [

@@ -1,0 +1,68 @@
+"""Retention: finished session tokens (consumed, expired, revoked) are deleted a configured
+number of days after they finished, by a background task in every server process and by
+`dailyplay purge`. Deletion goes in small batches, one short transaction each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+from . import db
+from .clock import now_ms
+from .db import Database
+
+log = logging.getLogger("dailyplay.retention")
+
+DAY_MS = 86_400_000
+# The server's first pass waits a minute after start-up, then one runs every 10 minutes.
+FIRST_PASS_SECONDS = 60.0
+PASS_INTERVAL_SECONDS = 600.0
+
+
+def cutoff_ms(now_ms: int, days: int) -> int:
+    """Tokens that finished before this instant are old enough to delete."""
+    return now_ms - days * DAY_MS
+
+
+def purge(
+    conn: sqlite3.Connection, cutoff: int, *, dry_run: bool = False, batch: int = db.PURGE_BATCH
+) -> int:
+    """Delete (or with dry_run only count) tokens that finished before cutoff, batch by batch,
+    each batch its own transaction; returns how many."""
+    if dry_run:
+        return db.count_finished_sessions(conn, cutoff)
+    deleted = 0
+    while True:
+        with db.transaction(conn):
+            done = db.delete_finished_sessions(conn, cutoff, batch)
+        deleted += done
+        if done < batch:
+            return deleted
+
+
+async def run_retention(
+    database: Database,
+    days: int,
+    *,
+    first_pass: float = FIRST_PASS_SECONDS,
+    interval: float = PASS_INTERVAL_SECONDS,
+) -> None:
+    """Purge every `interval` seconds until cancelled (nothing when days is 0)."""
+    if days <= 0:
+        return
+    delay = first_pass
+    while True:
+        await asyncio.sleep(delay)
+        delay = interval
+        try:
+            deleted = await database.purge_finished_sessions(cutoff_ms(now_ms(), days))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deleting finished session tokens failed; will retry")
+            continue
+        if deleted:
+            log.info(
+                "retention: deleted %d session tokens finished over %d days ago", deleted, days
+            )

@@ -1,0 +1,87 @@
+"""GET /healthz and GET /readyz, and the schema step that readiness writes into."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from conftest import AppClient, assert_error, running_app, sql
+
+from dailyplay import config, db
+
+
+def test_healthz_says_the_process_is_alive(client: AppClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"success": True, "data": {"status": "ok"}}
+
+
+def test_readyz_writes_through_to_the_file(client: AppClient, settings: config.Settings) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "success": True,
+        "data": {"status": "ready", "schema_version": db.SCHEMA_VERSION},
+    }
+    first = sql(settings, "SELECT checked_at FROM readiness")
+    assert len(first) == 1
+    assert client.get("/readyz").status_code == 200
+    assert sql(settings, "SELECT count(*) FROM readiness") == [(1,)]
+    assert sql(settings, "SELECT checked_at FROM readiness")[0][0] >= first[0][0]
+
+
+def test_readyz_is_503_when_the_database_refuses_writes(settings: config.Settings) -> None:
+    with running_app(settings) as client:
+        database = client.app.state.services.db
+
+        async def refuse_writes() -> None:
+            await database.run_on_writer(lambda conn: conn.execute("PRAGMA query_only = ON"))
+
+        client.portal.call(refuse_writes)
+        response = client.get("/readyz")
+        assert_error(response, 503, "not ready: database cannot be written")
+        assert "readonly" in response.json()["error"]
+        assert response.headers["retry-after"] == "5"
+        # Liveness is a different question.
+        assert client.get("/healthz").status_code == 200
+
+
+def test_readyz_is_503_when_the_file_has_another_schema_version(
+    settings: config.Settings,
+) -> None:
+    with running_app(settings) as client:
+        conn = sqlite3.connect(settings.database.path, isolation_level=None)
+        conn.execute(f"PRAGMA user_version = {db.SCHEMA_VERSION + 1}")
+        conn.close()
+        assert_error(client.get("/readyz"), 503, "schema version is")
+
+
+def _schema(path: str) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(
+            conn.execute("SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        )
+    finally:
+        conn.close()
+
+
+def test_a_version_1_file_is_brought_to_the_schema_of_a_new_one(
+    settings: config.Settings, tmp_path
+) -> None:
+    fresh = settings.replace("database", path=str(tmp_path / "fresh.db")).database
+    old = settings.replace("database", path=str(tmp_path / "old.db")).database
+    db.connect(fresh).close()
+    # A file as version 1 made it: the first step only, without what version 2 added.
+    added = ("readiness", "sessions_by_expiry", "_consumed_by_time", "_revoked_by_time")
+    conn = sqlite3.connect(old.path, isolation_level=None)
+    for statement in db._statements(db.schema_text()):
+        if not any(name in statement for name in added):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    assert not set(added) & set(dict(_schema(old.path)))
+    assert "sessions_by_expiry" not in dict(_schema(old.path))
+    migrated = db.connect(old)
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    migrated.close()
+    assert _schema(old.path) == _schema(fresh.path)
