@@ -22,6 +22,7 @@ from .config import Settings
 from .db import MUTABLE_KEY_COLUMNS, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
+from .logs import note
 from .ratelimit import (
     FailedAuthLimiter,
     KeyRateLimiter,
@@ -116,11 +117,13 @@ async def authenticate_bearer(services: Services, request: Request) -> Principal
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:
-        return await services.jwt.verify(token.strip())
+        principal = await services.jwt.verify(token.strip())
     except ApiError as exc:
         if exc.status == 401:
             exc.headers.setdefault("WWW-Authenticate", 'Bearer error="invalid_token"')
         raise
+    note(request.scope, user_id=principal.user_id)
+    return principal
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,14 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
         raise ApiError(401, "missing API key: send it in the x-api-key header")
     if not is_well_formed(raw):
         raise ApiError(401, "malformed API key: expected dpk_ followed by 40 lowercase hex digits")
+    note(request.scope, key_prefix=key_prefix(raw))
     verified = await services.key_verifier.verify(raw)
     if verified is None:
         raise ApiError(401, "invalid API key")
     row = await services.db.get_api_key_for_request(verified.key_id)
     if row is None or row["key_hash"] != verified.key_hash:
         raise ApiError(401, "invalid API key")
+    note(request.scope, key_id=row["id"], org_id=row["org_id"])
     if not row["is_active"]:
         raise ApiError(401, "API key has been revoked")
     if row["expires_at"] is not None and row["expires_at"] <= now:
@@ -257,6 +262,7 @@ async def validate_session(
     row = await services.db.get_session(token)
     if row is None:
         raise ApiError(404, "session token not found")
+    note(request.scope, org_id=row["org_id"])
     status = _session_status(row, now)
     return ok(
         {
@@ -290,9 +296,11 @@ async def consume_session(services: Services, request: Request, params: dict[str
         current = await services.db.get_session(token)
         if current is None:
             raise ApiError(404, "session token not found")
+        note(request.scope, org_id=current["org_id"])
         status = _session_status(current, now)
         # An active row here expired between the two statements: report it as expired.
         raise ApiError(410, GONE_MESSAGES.get(status, GONE_MESSAGES["expired"]))
+    note(request.scope, org_id=row["org_id"])
     return ok(
         {
             "session_id": row["id"],
@@ -355,6 +363,7 @@ def _id_list_json(value: Any, name: str) -> str | None:
 async def list_api_keys(services: Services, request: Request, params: dict[str, str]) -> Response:
     principal = await authenticate_bearer(services, request)
     org_id = inputs.query_positive_int(params, "org_id")
+    note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=False)
     rows = await services.db.list_api_keys(org_id)
     return ok([api_key_data(row) for row in rows])
@@ -377,6 +386,7 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
     body = await read_body(services, request)
     inputs.check_fields(body, CREATE_KEY_FIELDS, required=("org_id", "name"))
     org_id = inputs.positive_int(body["org_id"], "org_id")
+    note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=True)
     org = await services.db.get_org(org_id)
     if org is None or org["tier"] != "business":
@@ -425,6 +435,7 @@ async def update_api_key(services: Services, request: Request, params: dict[str,
     inputs.check_fields(body, ("id", "org_id", *mutable), required=("id", "org_id"))
     key_id = inputs.positive_int(body["id"], "id")
     org_id = inputs.positive_int(body["org_id"], "org_id")
+    note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=True)
     now = now_ms()
     changes: dict[str, Any] = {}
@@ -459,6 +470,7 @@ async def delete_api_key(services: Services, request: Request, params: dict[str,
     principal = await authenticate_bearer(services, request)
     key_id = inputs.query_positive_int(params, "id")
     org_id = inputs.query_positive_int(params, "org_id")
+    note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=True)
     revoked = await services.db.delete_api_key(org_id, key_id, now_ms())
     if revoked is None:

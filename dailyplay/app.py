@@ -22,12 +22,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import config
-from .api import Services, handle_org_api_keys
+from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
 from .clock import now_ms
 from .db import SCHEMA_VERSION, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier
+from .logs import RequestLogMiddleware
 from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 from .retention import run_retention
@@ -250,7 +251,11 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
                 await retention
             await db.close()
 
+    def logged_client_ip(scope: Scope) -> str:
+        return client_ip(Request(scope), trusted)
+
     middleware = [
+        Middleware(RequestLogMiddleware, client_ip=logged_client_ip),
         Middleware(ConcurrencyLimit, limit=settings.server.max_concurrent_requests),
     ]
     if settings.cors.allow_origins:
@@ -259,8 +264,8 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
                 JsonCORSMiddleware,
                 allow_origins=settings.cors.allow_origins,
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                allow_headers=["authorization", "content-type", "x-api-key"],
-                expose_headers=RATE_LIMIT_HEADERS,
+                allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+                expose_headers=[*RATE_LIMIT_HEADERS, "X-Request-ID"],
                 max_age=600,
             )
         )

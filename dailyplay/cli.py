@@ -216,19 +216,26 @@ def cmd_member_list(args: argparse.Namespace) -> None:
     emit([_org_data(row) for row in db.list_members(conn, args.org)])
 
 
-def uvicorn_log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging setup with session tokens and keys redacted from access lines."""
+def uvicorn_log_config(level: str, log_format: str = "json") -> dict[str, Any]:
+    """Logging for the server: uvicorn's and ours in one format (json or text) on stderr; our
+    request lines (dailyplay.access) replace uvicorn's access log."""
     from uvicorn.config import LOGGING_CONFIG
 
     log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["formatters"] = {"chosen": {"()": f"dailyplay.logs.{log_format.title()}Formatter"}}
     log_config.setdefault("filters", {})["redact_secrets"] = {
         "()": "dailyplay.app.RedactSecretsFilter"
     }
     for handler in log_config["handlers"].values():
+        handler["formatter"] = "chosen"
         handler.setdefault("filters", []).append("redact_secrets")
         # stdout carries the commands' JSON; logs go to stderr.
         handler["stream"] = "ext://sys.stderr"
-    log_config["loggers"]["dailyplay"] = {"handlers": ["default"], "level": level.upper()}
+    log_config["loggers"]["dailyplay"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
     return log_config
 
 
@@ -264,10 +271,13 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
         port=server.port,
         workers=server.workers,
         log_level=server.log_level,
+        log_format=server.log_format,
     )
 
 
-def serve_with_uvicorn(app: str, *, host: str, port: int, workers: int, log_level: str) -> None:
+def serve_with_uvicorn(
+    app: str, *, host: str, port: int, workers: int, log_level: str, log_format: str = "json"
+) -> None:
     """Serve an app factory with uvicorn: several workers share one listening socket."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -278,8 +288,9 @@ def serve_with_uvicorn(app: str, *, host: str, port: int, workers: int, log_leve
         host=host,
         port=port,
         workers=workers,
-        log_config=uvicorn_log_config(log_level),
+        log_config=uvicorn_log_config(log_level, log_format),
         log_level=log_level,
+        access_log=False,
         timeout_graceful_shutdown=10,
         server_header=False,
         proxy_headers=False,
@@ -305,7 +316,7 @@ def tcp_socket(sock: socket.socket) -> socket.socket:
 def _with_server_overrides(settings: config.Settings, args: argparse.Namespace) -> config.Settings:
     overrides = {
         key: getattr(args, key)
-        for key in ("host", "port", "workers")
+        for key in ("host", "port", "workers", "log_format")
         if getattr(args, key, None) is not None
     }
     if not overrides:
@@ -360,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (server.host)")
     serve.add_argument("--port", type=int, help="port to listen on (server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (server.workers)")
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="log lines as JSON or text (server.log_format)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     init = commands.add_parser("init-db", parents=[common], help="create or migrate the database")

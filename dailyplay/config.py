@@ -35,6 +35,7 @@ class ServerSettings:
         [], "proxy addresses/CIDRs whose X-Forwarded-For is believed (empty: none)"
     )
     log_level: str = _setting("info", "critical, error, warning, info or debug")
+    log_format: str = _setting("json", "json (one object per line) or text (for a terminal)")
     max_concurrent_requests: int = _setting(
         256, "requests one worker handles at once; more get 503 with Retry-After"
     )
@@ -194,6 +195,7 @@ def _check_ranges(s: Settings) -> None:
         s.server.log_level in {"critical", "error", "warning", "info", "debug"},
         "server.log_level must be one of critical, error, warning, info, debug",
     )
+    need(s.server.log_format in {"json", "text"}, "server.log_format must be json or text")
     for proxy in s.server.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -100,7 +100,13 @@ def test_full_flow_through_a_server_and_secrets_stay_out_of_its_log(
             "error": "not found",
         }
     log = server.log()
-    assert "validate-session&token=[redacted]" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"')]
+    requests = [line for line in lines if line["logger"] == "dailyplay.access"]
+    assert any(
+        line["operation"] == "validate-session" and line["status"] == 200 for line in requests
+    )
+    assert all(re.fullmatch(r"[0-9a-f]{32}", line["request_id"]) for line in requests)
+    assert any("Started server process" in line.get("message", "") for line in lines)
     assert token not in log and key not in log and key[8:] not in log
     assert "Traceback" not in log
 

@@ -1,0 +1,165 @@
+"""Logging: one structured line per request, in JSON (default) or as text for a terminal.
+
+Every request gets an id: the caller's X-Request-ID when it is a sensible token (1-128 of
+A-Z a-z 0-9 . _ : -), else a new one; it is returned in the X-Request-ID response header and
+logged with the request. A line never carries a raw API key, session token or bearer JWT: the
+query string is not logged at all, only the operation its `action` names, and an API key
+appears as its public 8-character prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("dailyplay.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# What handlers may add to a request's line (see note()).
+REQUEST_FIELDS = ("operation", "org_id", "key_id", "key_prefix", "user_id")
+# The fields of a request line, in order.
+ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "operation",
+    "status",
+    "latency_ms",
+    "org_id",
+    "key_id",
+    "key_prefix",
+    "user_id",
+    "client_ip",
+)
+
+
+def note(scope: Scope, **fields: Any) -> None:
+    """Add fields (REQUEST_FIELDS) to this request's log line."""
+    scope.setdefault("state", {}).setdefault("log", {}).update(fields)
+
+
+def request_id_of(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+def _operation(query_string: bytes) -> str | None:
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name == "action":
+            return value if re.fullmatch(r"[a-z-]{1,40}", value) else "(invalid)"
+    return None
+
+
+class RequestLogMiddleware:
+    """Outermost layer: assigns the request id, echoes it, and logs the request's line."""
+
+    def __init__(self, app: ASGIApp, client_ip: Any = None):
+        self.app = app
+        self.client_ip = client_ip  # (scope) -> str, trusting proxies as the API does
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+                break
+        request_id = given if _GOOD_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                self._log(scope, status, started)
+
+    def _log(self, scope: Scope, status: int, started: float) -> None:
+        fields: dict[str, Any] = {
+            "request_id": scope["state"]["request_id"],
+            "method": scope["method"],
+            "path": scope["path"],
+            "operation": _operation(scope.get("query_string", b"")),
+            "status": status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        noted = scope["state"].get("log", {})
+        fields.update({k: noted[k] for k in REQUEST_FIELDS if k in noted})
+        peer = scope.get("client")
+        fields["client_ip"] = (
+            self.client_ip(scope) if self.client_ip else (peer[0] if peer else None)
+        )
+        access_log.info(
+            "%s %s %s %s", fields["method"], fields["path"], fields["operation"] or "-", status,
+            extra={"fields": fields},
+        )  # fmt: skip
+
+
+def _utc(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": _utc(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update({k: fields.get(k) for k in ACCESS_FIELDS})
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """For a terminal: `time level message`, a request as `GET /path operation status ms`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            extras = " ".join(
+                f"{k}={fields[k]}"
+                for k in ("org_id", "key_id", "key_prefix", "user_id", "client_ip", "request_id")
+                if fields.get(k) is not None
+            )
+            message = (
+                f"{fields['method']} {fields['path']} {fields['operation'] or '-'}"
+                f" {fields['status']} {fields['latency_ms']}ms {extras}"
+            )
+        else:
+            message = record.getMessage()
+        text = f"{_utc(record)} {record.levelname:<7} {message}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
