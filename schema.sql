@@ -83,3 +83,16 @@ CREATE INDEX IF NOT EXISTS sessions_consumed_by_time ON sessions (consumed_at)
     WHERE status = 'consumed';
 CREATE INDEX IF NOT EXISTS sessions_revoked_by_time ON sessions (revoked_at)
     WHERE status = 'revoked';
+
+-- Who changed what (added in version 2): every key and membership change, every org change.
+CREATE TABLE IF NOT EXISTS audit_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
+    org_id      INTEGER NOT NULL,
+    actor       TEXT    NOT NULL,          -- the JWT `sub` of who did it, or 'cli'
+    action      TEXT    NOT NULL,          -- api_key.create, member.add, org.tier_change, ...
+    api_key_id  INTEGER,                   -- kept after the key is deleted
+    client_ip   TEXT,
+    changes     TEXT                       -- JSON object: field -> {"from": ..., "to": ...}
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, id);

@@ -19,7 +19,7 @@ from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import MAX_MS, iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
-from .db import MUTABLE_KEY_COLUMNS, Database
+from .db import MUTABLE_KEY_COLUMNS, Actor, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
 from .logs import note
@@ -419,9 +419,14 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
             expires_at,
             now,
             now,
-        )
+        ),
+        _actor(services, request, principal),
     )
     return ok({**api_key_data(row), "key": raw_key})
+
+
+def _actor(services: Services, request: Request, principal: Principal) -> Actor:
+    return Actor(principal.user_id, client_ip(request, services.trusted_proxies))
 
 
 async def _hash_in_thread(raw_key: str) -> str:
@@ -460,7 +465,9 @@ async def update_api_key(services: Services, request: Request, params: dict[str,
         changes["expires_at"] = _future_time(body["expires_at"], "expires_at", now)
     if not changes:
         raise ApiError(400, "nothing to update: send at least one of " + ", ".join(mutable))
-    row, revoked = await services.db.update_api_key(org_id, key_id, changes, now)
+    row, revoked = await services.db.update_api_key(
+        org_id, key_id, changes, now, _actor(services, request, principal)
+    )
     if row is None:
         raise ApiError(404, f"API key {key_id} not found in organization {org_id}")
     return ok({**api_key_data(row), "revoked_sessions": revoked})
@@ -472,10 +479,45 @@ async def delete_api_key(services: Services, request: Request, params: dict[str,
     org_id = inputs.query_positive_int(params, "org_id")
     note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=True)
-    revoked = await services.db.delete_api_key(org_id, key_id, now_ms())
+    revoked = await services.db.delete_api_key(
+        org_id, key_id, now_ms(), _actor(services, request, principal)
+    )
     if revoked is None:
         raise ApiError(404, f"API key {key_id} not found in organization {org_id}")
     return ok({"id": key_id, "deleted": True, "revoked_sessions": revoked})
+
+
+AUDIT_PAGE_DEFAULT = 50
+AUDIT_PAGE_MAX = 200
+
+
+def audit_entry_data(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "at": iso_from_ms(row["at"]),
+        "org_id": row["org_id"],
+        "actor": row["actor"],
+        "action": row["action"],
+        "api_key_id": row["api_key_id"],
+        "client_ip": row["client_ip"],
+        "changes": None if row["changes"] is None else json.loads(row["changes"]),
+    }
+
+
+async def audit_log(services: Services, request: Request, params: dict[str, str]) -> Response:
+    """An org's audit trail, newest first, a page at a time (admins only)."""
+    principal = await authenticate_bearer(services, request)
+    org_id = inputs.query_positive_int(params, "org_id")
+    note(request.scope, org_id=org_id)
+    await require_org_role(services.db, principal, org_id, need_admin=True)
+    limit = AUDIT_PAGE_DEFAULT
+    if "limit" in params:
+        limit = inputs.query_positive_int(params, "limit", AUDIT_PAGE_MAX)
+    before_id = inputs.query_positive_int(params, "before_id") if "before_id" in params else None
+    rows = await services.db.list_audit(org_id, limit + 1, before_id)
+    entries = [audit_entry_data(row) for row in rows[:limit]]
+    next_before = entries[-1]["id"] if len(rows) > limit else None
+    return ok({"entries": entries, "next_before_id": next_before})
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -495,6 +537,9 @@ OPERATIONS: dict[str | None, dict[str, Operation]] = {
     "create-session": {"POST": Operation(create_session, ("action",), "x-api-key")},
     "validate-session": {"GET": Operation(validate_session, ("action", "token"), None)},
     "consume-session": {"POST": Operation(consume_session, ("action",), None)},
+    "audit-log": {
+        "GET": Operation(audit_log, ("action", "org_id", "limit", "before_id"), "authorization")
+    },
     None: {
         "GET": Operation(list_api_keys, ("org_id",), "authorization"),
         "POST": Operation(create_api_key, (), "authorization"),

@@ -1,5 +1,5 @@
-"""The `dailyplay` command: serve, init-db, purge, backup, org, member, demo. Each prints JSON
-on stdout."""
+"""The `dailyplay` command: serve, init-db, purge, backup, org, member, audit, demo. Each
+prints JSON on stdout."""
 
 from __future__ import annotations
 
@@ -140,6 +140,16 @@ def cmd_backup(args: argparse.Namespace) -> None:
     )
 
 
+def _audit_limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if not 1 <= limit <= 100_000:
+        raise argparse.ArgumentTypeError("must be 1..100000")
+    return limit
+
+
 def _days(value: str) -> int:
     try:
         days = int(value)
@@ -185,7 +195,7 @@ def cmd_org_list(args: argparse.Namespace) -> None:
 def cmd_org_set_tier(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     with db.transaction(conn):
-        row = db.set_org_tier(conn, args.org, args.tier)
+        row = db.set_org_tier(conn, args.org, args.tier, now_ms())
     if row is None:
         raise CliError(f"organization {args.org} not found")
     emit(_org_data(row))
@@ -203,10 +213,23 @@ def cmd_member_add(args: argparse.Namespace) -> None:
 def cmd_member_remove(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     with db.transaction(conn):
-        removed = db.delete_member(conn, args.org, args.user)
+        removed = db.delete_member(conn, args.org, args.user, now_ms())
     if not removed:
         raise CliError(f"{args.user!r} is not a member of organization {args.org}")
     emit({"org_id": args.org, "user_id": args.user, "removed": True})
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    if not db.org_exists(conn, args.org):
+        raise CliError(f"organization {args.org} not found")
+    entries = []
+    for row in db.list_audit(conn, args.org, args.limit):
+        entry = {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+        entry["at"] = iso_from_ms(entry["at"])
+        entry["changes"] = None if entry["changes"] is None else json.loads(entry["changes"])
+        entries.append(entry)
+    emit(entries)
 
 
 def cmd_member_list(args: argparse.Namespace) -> None:
@@ -423,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     members = member_commands.add_parser("list", parents=[common], help="list an org's members")
     members.add_argument("--org", required=True, type=_org_id)
     members.set_defaults(func=cmd_member_list)
+
+    audit = commands.add_parser(
+        "audit", parents=[common], help="an organization's audit trail, newest first"
+    )
+    audit.add_argument("--org", required=True, type=_org_id)
+    audit.add_argument("--limit", type=_audit_limit, default=100, help="entries (default 100)")
+    audit.set_defaults(func=cmd_audit)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="start a ready-to-try instance with a key and a token"

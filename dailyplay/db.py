@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -67,13 +68,24 @@ CREATE INDEX IF NOT EXISTS sessions_consumed_by_time ON sessions (consumed_at)
     WHERE status = 'consumed';
 CREATE INDEX IF NOT EXISTS sessions_revoked_by_time ON sessions (revoked_at)
     WHERE status = 'revoked';
+CREATE TABLE IF NOT EXISTS audit_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
+    org_id      INTEGER NOT NULL,
+    actor       TEXT    NOT NULL,          -- the JWT `sub` of who did it, or 'cli'
+    action      TEXT    NOT NULL,          -- api_key.create, member.add, org.tier_change, ...
+    api_key_id  INTEGER,                   -- kept after the key is deleted
+    client_ip   TEXT,
+    changes     TEXT                       -- JSON object: field -> {"from": ..., "to": ...}
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, id);
 """
 
 # Step 1 is the whole current schema.sql (every statement IF NOT EXISTS), so a new file is
 # complete after it and the later steps change nothing there; they bring older files up.
 MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
-    ("readiness probe row; retention indexes", lambda: VERSION_2),
+    ("readiness probe row; retention indexes; audit log", lambda: VERSION_2),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -147,6 +159,39 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change, for the audit log: a JWT `sub` with the caller's address, or 'cli'."""
+
+    name: str
+    client_ip: str | None = None
+
+
+CLI = Actor("cli")
+AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
+
+
+def record_audit(
+    conn: sqlite3.Connection,
+    at: int,
+    org_id: int,
+    by: Actor,
+    action: str,
+    api_key_id: int | None,
+    changes: dict[str, Any] | None,
+) -> None:
+    """One audit entry, in the caller's transaction (so it exists exactly when the change does)."""
+    conn.execute(
+        "INSERT INTO audit_log (at, org_id, actor, action, api_key_id, client_ip, changes)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (at, org_id, by.name, action, api_key_id, by.client_ip,
+         None if changes is None else json.dumps(changes, ensure_ascii=False)),
+    )  # fmt: skip
 
 
 # --- SQL shared by the server and the CLI -------------------------------------------------------
@@ -377,6 +422,14 @@ class Database:
             (now,),
         )
 
+    async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[sqlite3.Row]:
+        """An org's audit entries, newest first, with ids below before_id when given."""
+        return await self._read_all(
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? AND id < ?"
+            " ORDER BY id DESC LIMIT ?",
+            (org_id, before_id if before_id is not None else 2**63 - 1, limit),
+        )
+
     # --- retention -------------------------------------------------------------------------------
 
     async def purge_finished_sessions(self, cutoff: int, batch: int = PURGE_BATCH) -> int:
@@ -411,13 +464,12 @@ class Database:
             f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
         )
 
-    async def insert_api_key(self, values: tuple[Any, ...]) -> sqlite3.Row:
-        """Insert one key; `values` follows INSERT_API_KEY's column order."""
-        rows = await self._write_one(INSERT_API_KEY, values)
-        return rows[0]
+    async def insert_api_key(self, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
+        """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry."""
+        return await self._in_transaction(lambda conn: insert_api_key(conn, values, by))
 
     async def update_api_key(
-        self, org_id: int, key_id: int, changes: dict[str, Any], now: int
+        self, org_id: int, key_id: int, changes: dict[str, Any], now: int, by: Actor
     ) -> tuple[sqlite3.Row | None, int]:
         """Apply changes to a key of org_id; deactivating revokes its live tokens at once.
 
@@ -428,6 +480,12 @@ class Database:
             raise ValueError(f"not a mutable API key column: {sorted(unknown)}")
 
         def work(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, int]:
+            before = conn.execute(
+                f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ? AND org_id = ?",
+                (key_id, org_id),
+            ).fetchone()
+            if before is None:
+                return None, 0
             assignments = ", ".join(f"{column} = ?" for column in changes)
             rows = conn.execute(
                 f"UPDATE api_keys SET {assignments}, updated_at = ?"
@@ -439,11 +497,20 @@ class Database:
             revoked = 0
             if changes.get("is_active") == 0:
                 revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
+            diff = {
+                column: {"from": before[column], "to": value}
+                for column, value in changes.items()
+                if before[column] != value
+            }
+            action = "api_key.update"
+            if "is_active" in diff:
+                action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
+            record_audit(conn, now, org_id, by, action, key_id, diff)
             return rows[0], revoked
 
         return await self._in_transaction(work)
 
-    async def delete_api_key(self, org_id: int, key_id: int, now: int) -> int | None:
+    async def delete_api_key(self, org_id: int, key_id: int, now: int, by: Actor) -> int | None:
         """Revoke a key's live tokens and delete it, in one transaction; None if not in the org."""
 
         def work(conn: sqlite3.Connection) -> int | None:
@@ -454,6 +521,7 @@ class Database:
                 return None
             revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
             conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+            record_audit(conn, now, org_id, by, "api_key.delete", key_id, None)
             return int(revoked)
 
         return await self._in_transaction(work)
@@ -542,13 +610,21 @@ class Database:
 
 
 def create_org(
-    conn: sqlite3.Connection, name: str, tier: str, external_id: str | None, now: int
+    conn: sqlite3.Connection,
+    name: str,
+    tier: str,
+    external_id: str | None,
+    now: int,
+    by: Actor = CLI,
 ) -> sqlite3.Row:
-    return conn.execute(
+    row = conn.execute(
         "INSERT INTO orgs (name, tier, external_id, created_at) VALUES (?, ?, ?, ?)"
         " RETURNING id, name, tier, external_id, created_at",
         (name, tier, external_id, now),
     ).fetchone()
+    changes = {k: {"from": None, "to": row[k]} for k in ("name", "tier", "external_id")}
+    record_audit(conn, now, row["id"], by, "org.create", None, changes)
+    return row
 
 
 def list_orgs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -567,11 +643,18 @@ def find_org_by_external_id(conn: sqlite3.Connection, external_id: str) -> sqlit
     ).fetchone()
 
 
-def set_org_tier(conn: sqlite3.Connection, org_id: int, tier: str) -> sqlite3.Row | None:
-    return conn.execute(
+def set_org_tier(
+    conn: sqlite3.Connection, org_id: int, tier: str, now: int, by: Actor = CLI
+) -> sqlite3.Row | None:
+    before = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
+    row = conn.execute(
         "UPDATE orgs SET tier = ? WHERE id = ? RETURNING id, name, tier, external_id, created_at",
         (tier, org_id),
     ).fetchone()
+    if row is not None and before["tier"] != tier:
+        changes = {"tier": {"from": before["tier"], "to": tier}}
+        record_audit(conn, now, org_id, by, "org.tier_change", None, changes)
+    return row
 
 
 def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
@@ -579,8 +662,18 @@ def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
 
 
 def upsert_member(
-    conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int
+    conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int, by: Actor = CLI
 ) -> sqlite3.Row:
+    before = conn.execute(
+        "SELECT role FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+    ).fetchone()
+    if before is None or before["role"] != role:
+        action = "member.add" if before is None else "member.role_change"
+        changes = {
+            "user_id": {"from": None if before is None else user_id, "to": user_id},
+            "role": {"from": None if before is None else before["role"], "to": role},
+        }
+        record_audit(conn, now, org_id, by, action, None, changes)
     return conn.execute(
         "INSERT INTO org_members (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role"
@@ -589,11 +682,21 @@ def upsert_member(
     ).fetchone()
 
 
-def delete_member(conn: sqlite3.Connection, org_id: int, user_id: str) -> bool:
+def delete_member(
+    conn: sqlite3.Connection, org_id: int, user_id: str, now: int, by: Actor = CLI
+) -> bool:
     cursor = conn.execute(
-        "DELETE FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+        "DELETE FROM org_members WHERE org_id = ? AND user_id = ? RETURNING role",
+        (org_id, user_id),
     )
-    return cursor.rowcount > 0
+    removed = cursor.fetchone()
+    if removed is not None:
+        changes = {
+            "user_id": {"from": user_id, "to": None},
+            "role": {"from": removed["role"], "to": None},
+        }
+        record_audit(conn, now, org_id, by, "member.remove", None, changes)
+    return removed is not None
 
 
 def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
@@ -604,9 +707,25 @@ def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
     ).fetchall()
 
 
-def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...]) -> sqlite3.Row:
-    """Insert one key; `values` follows INSERT_API_KEY's column order."""
-    return conn.execute(INSERT_API_KEY, values).fetchone()
+def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
+    """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry, in the
+    caller's transaction."""
+    row = conn.execute(INSERT_API_KEY, values).fetchone()
+    settings = {
+        column: row[column]
+        for column in ("name", "description", "allowed_game_ids", "allowed_stream_ids",
+                       "rate_limit_per_minute", "rate_limit_per_day", "expires_at")
+    }  # fmt: skip
+    changes = {column: {"from": None, "to": value} for column, value in settings.items()}
+    record_audit(conn, row["created_at"], row["org_id"], by, "api_key.create", row["id"], changes)
+    return row
+
+
+def list_audit(conn: sqlite3.Connection, org_id: int, limit: int) -> list[sqlite3.Row]:
+    return conn.execute(
+        f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? ORDER BY id DESC LIMIT ?",
+        (org_id, limit),
+    ).fetchall()
 
 
 @dataclass

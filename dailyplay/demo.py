@@ -86,7 +86,7 @@ def prepare_demo(
             if row
             else db.create_org(conn, "Demo Studio", "business", DEMO_ORG_EXTERNAL_ID, now)["id"]
         )
-        db.set_org_tier(conn, org_id, "business")
+        db.set_org_tier(conn, org_id, "business", now)
         db.upsert_member(conn, org_id, DEMO_ADMIN, "admin", now)
     raw_key, key_row = issue_api_key(
         conn,

@@ -170,8 +170,8 @@ def positive_int(value: Any, name: str, maximum: int = MAX_INT63) -> int:
 _QUERY_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
-def query_positive_int(params: Mapping[str, str], name: str) -> int:
-    """A required query parameter holding a positive integer that fits in 63 bits.
+def query_positive_int(params: Mapping[str, str], name: str, maximum: int = MAX_INT63) -> int:
+    """A required query parameter holding a positive integer up to maximum (default: 63 bits).
 
     Written as a JSON number with no fractional part (42, 42.0, 4.2e1), the way JSON Schema's
     `integer` counts them.
@@ -182,10 +182,10 @@ def query_positive_int(params: Mapping[str, str], name: str) -> int:
     number = None
     if len(text) <= 40 and _QUERY_NUMBER.fullmatch(text):
         value = decimal.Decimal(text)
-        if value == value.to_integral_value() and 1 <= value <= MAX_INT63:
+        if value == value.to_integral_value() and 1 <= value <= maximum:
             number = int(value)
     if number is None:
-        raise ApiError(400, f"query parameter '{name}' must be an integer from 1 to {MAX_INT63}")
+        raise ApiError(400, f"query parameter '{name}' must be an integer from 1 to {maximum}")
     return number
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from .db import Database, insert_api_key
+from .db import CLI, Database, insert_api_key
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
 PREFIX_LENGTH = 8
@@ -82,6 +82,7 @@ def issue_api_key(
             now,
             now,
         ),
+        CLI,
     )
     return raw_key, row
 

@@ -212,7 +212,9 @@ def documented_methods() -> dict[str | None, set[str]]:
     return by_action
 
 
-@pytest.mark.parametrize("action", ["create-session", "validate-session", "consume-session", None])
+@pytest.mark.parametrize(
+    "action", ["create-session", "validate-session", "consume-session", "audit-log", None]
+)
 def test_every_undocumented_method_of_an_action_is_405_with_the_documented_allow(
     client: AppClient, action: str | None
 ) -> None:
