@@ -96,3 +96,12 @@ CREATE TABLE IF NOT EXISTS audit_log (
     changes     TEXT                       -- JSON object: field -> {"from": ..., "to": ...}
 );
 CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, id);
+
+-- Tokens created and consumed per key per hour, for key listings (added in version 2).
+CREATE TABLE IF NOT EXISTS key_usage (
+    api_key_id INTEGER NOT NULL,
+    hour       INTEGER NOT NULL,                         -- hours since the epoch
+    created    INTEGER NOT NULL DEFAULT 0,
+    consumed   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (api_key_id, hour)
+) WITHOUT ROWID;

@@ -19,7 +19,7 @@ from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import MAX_MS, iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
-from .db import MUTABLE_KEY_COLUMNS, Actor, Database
+from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
 from .logs import note
@@ -366,7 +366,8 @@ async def list_api_keys(services: Services, request: Request, params: dict[str, 
     note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=False)
     rows = await services.db.list_api_keys(org_id)
-    return ok([api_key_data(row) for row in rows])
+    usage = await services.db.key_usage(org_id, now_ms())
+    return ok([{**api_key_data(row), "usage": usage.get(row["id"], NO_USAGE)} for row in rows])
 
 
 CREATE_KEY_FIELDS = (

@@ -232,6 +232,31 @@ def cmd_audit(args: argparse.Namespace) -> None:
     emit(entries)
 
 
+def cmd_stats(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    if not db.org_exists(conn, args.org):
+        raise CliError(f"organization {args.org} not found")
+    usage = db.key_usage(conn, args.org, now_ms())
+    keys = conn.execute(
+        "SELECT id, name, key_prefix, is_active, last_used_at FROM api_keys WHERE org_id = ?"
+        " ORDER BY id",
+        (args.org,),
+    ).fetchall()
+    emit(
+        [
+            {
+                "id": row["id"],
+                "name": row["name"],
+                "key_prefix": row["key_prefix"],
+                "is_active": bool(row["is_active"]),
+                "last_used_at": iso_from_ms(row["last_used_at"]),
+                **usage.get(row["id"], db.NO_USAGE),
+            }
+            for row in keys
+        ]
+    )
+
+
 def cmd_member_list(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     if not db.org_exists(conn, args.org):
@@ -453,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--org", required=True, type=_org_id)
     audit.add_argument("--limit", type=_audit_limit, default=100, help="entries (default 100)")
     audit.set_defaults(func=cmd_audit)
+
+    stats = commands.add_parser(
+        "stats", parents=[common], help="per API key: last use, tokens created/consumed lately"
+    )
+    stats.add_argument("--org", required=True, type=_org_id)
+    stats.set_defaults(func=cmd_stats)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="start a ready-to-try instance with a key and a token"

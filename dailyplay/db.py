@@ -79,13 +79,20 @@ CREATE TABLE IF NOT EXISTS audit_log (
     changes     TEXT                       -- JSON object: field -> {"from": ..., "to": ...}
 );
 CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, id);
+CREATE TABLE IF NOT EXISTS key_usage (
+    api_key_id INTEGER NOT NULL,
+    hour       INTEGER NOT NULL,                         -- hours since the epoch
+    created    INTEGER NOT NULL DEFAULT 0,
+    consumed   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (api_key_id, hour)
+) WITHOUT ROWID;
 """
 
 # Step 1 is the whole current schema.sql (every statement IF NOT EXISTS), so a new file is
 # complete after it and the later steps change nothing there; they bring older files up.
 MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
-    ("readiness probe row; retention indexes; audit log", lambda: VERSION_2),
+    ("readiness probe row; retention indexes; audit log; key usage", lambda: VERSION_2),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -464,6 +471,10 @@ class Database:
             f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
         )
 
+    async def key_usage(self, org_id: int, now: int) -> dict[int, dict[str, int]]:
+        """Per key of the org: sessions created/consumed in the last 24 h and 30 days."""
+        return key_usage(self.reader, org_id, now)
+
     async def insert_api_key(self, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
         """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry."""
         return await self._in_transaction(lambda conn: insert_api_key(conn, values, by))
@@ -521,6 +532,7 @@ class Database:
                 return None
             revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
             conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+            conn.execute("DELETE FROM key_usage WHERE api_key_id = ?", (key_id,))
             record_audit(conn, now, org_id, by, "api_key.delete", key_id, None)
             return int(revoked)
 
@@ -569,12 +581,19 @@ class Database:
         return await self._in_transaction(work)
 
     async def prune_rate_counters(self, minute_before: int, day_before: int) -> None:
-        """Forget counters of windows that are over."""
-        await self._write_one(
-            "DELETE FROM rate_counters WHERE (span = 'minute' AND period < ?)"
-            " OR (span = 'day' AND period < ?)",
-            (minute_before, day_before),
-        )
+        """Forget counters of windows that are over, and usage older than listings show."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM rate_counters WHERE (span = 'minute' AND period < ?)"
+                " OR (span = 'day' AND period < ?)",
+                (minute_before, day_before),
+            )
+            conn.execute(
+                "DELETE FROM key_usage WHERE hour < ?", ((day_before + 1) * 24 - USAGE_KEPT_HOURS,)
+            )
+
+        await self._in_transaction(work)
 
     async def get_rate_counters(self, key_id: int, minute: int, day: int) -> dict[str, int]:
         """Stored hits of a key in the given minute and day, as {'minute': n, 'day': n}."""
@@ -791,6 +810,7 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
             [value for index in chunk for value in writes[index][1]],
         ).fetchall()
         ids = {bytes(row[0]): int(row[1]) for row in rows}
+        _count_usage(conn, "created", [(writes[i][1][2], writes[i][1][7]) for i in chunk])
         for index in chunk:
             results[index] = ids[writes[index][1][0]]
     for start in range(0, len(consumes), ROWS_PER_STATEMENT):
@@ -800,10 +820,64 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
             [value for i, index in enumerate(chunk) for value in (i, *writes[index][1])],
         ).fetchall()
         won = {bytes(row["token"]): row for row in rows}
+        _count_usage(conn, "consumed", [(row["api_key_id"], row["consumed_at"]) for row in rows])
         # A token asked for twice in one group is won by the first asker only.
         for index in chunk:
             results[index] = won.pop(writes[index][1][0], None)
     return results
+
+
+HOUR_MS = 3_600_000
+# Usage is kept for the longest window listings show (30 days) and a day more.
+USAGE_KEPT_HOURS = 31 * 24
+
+
+def _count_usage(conn: sqlite3.Connection, column: str, events: list[tuple[Any, int]]) -> None:
+    """Add (api_key_id, time) events to key_usage's hourly counters, one row per key and hour."""
+    counts: dict[tuple[int, int], int] = {}
+    for key_id, at in events:
+        if key_id is not None:
+            slot = (int(key_id), int(at) // HOUR_MS)
+            counts[slot] = counts.get(slot, 0) + 1
+    if counts:
+        conn.executemany(
+            f"INSERT INTO key_usage (api_key_id, hour, {column}) VALUES (?, ?, ?)"
+            " ON CONFLICT (api_key_id, hour)"
+            f" DO UPDATE SET {column} = {column} + excluded.{column}",
+            [(key_id, hour, n) for (key_id, hour), n in counts.items()],
+        )
+
+
+def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict[str, int]]:
+    """Sessions created and consumed per key of org_id in the last 24 hours and 30 days (by
+    the hour: the current hour and the 23 or 719 before it)."""
+    hour = now // HOUR_MS
+    rows = conn.execute(
+        "SELECT api_key_id,"
+        " coalesce(sum(created) FILTER (WHERE hour > ?), 0),"
+        " coalesce(sum(consumed) FILTER (WHERE hour > ?), 0),"
+        " coalesce(sum(created), 0), coalesce(sum(consumed), 0)"
+        " FROM key_usage WHERE hour > ?"
+        " AND api_key_id IN (SELECT id FROM api_keys WHERE org_id = ?) GROUP BY api_key_id",
+        (hour - 24, hour - 24, hour - 30 * 24, org_id),
+    ).fetchall()
+    return {
+        int(row[0]): {
+            "sessions_created_24h": row[1],
+            "sessions_consumed_24h": row[2],
+            "sessions_created_30d": row[3],
+            "sessions_consumed_30d": row[4],
+        }
+        for row in rows
+    }
+
+
+NO_USAGE = {
+    "sessions_created_24h": 0,
+    "sessions_consumed_24h": 0,
+    "sessions_created_30d": 0,
+    "sessions_consumed_30d": 0,
+}
 
 
 def _checkpoint_and_close(conn: sqlite3.Connection) -> None:
