@@ -58,41 +58,12 @@ def _statements(script: str) -> list[str]:
 
 
 # Ordered, named migration steps; step N brings the file to PRAGMA user_version N.
-VERSION_2 = """
-CREATE TABLE IF NOT EXISTS readiness (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    checked_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
-CREATE INDEX IF NOT EXISTS sessions_consumed_by_time ON sessions (consumed_at)
-    WHERE status = 'consumed';
-CREATE INDEX IF NOT EXISTS sessions_revoked_by_time ON sessions (revoked_at)
-    WHERE status = 'revoked';
-CREATE TABLE IF NOT EXISTS audit_log (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    at          INTEGER NOT NULL,
-    org_id      INTEGER NOT NULL,
-    actor       TEXT    NOT NULL,          -- the JWT `sub` of who did it, or 'cli'
-    action      TEXT    NOT NULL,          -- api_key.create, member.add, org.tier_change, ...
-    api_key_id  INTEGER,                   -- kept after the key is deleted
-    client_ip   TEXT,
-    changes     TEXT                       -- JSON object: field -> {"from": ..., "to": ...}
-);
-CREATE INDEX IF NOT EXISTS audit_log_by_org ON audit_log (org_id, id);
-CREATE TABLE IF NOT EXISTS key_usage (
-    api_key_id INTEGER NOT NULL,
-    hour       INTEGER NOT NULL,                         -- hours since the epoch
-    created    INTEGER NOT NULL DEFAULT 0,
-    consumed   INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (api_key_id, hour)
-) WITHOUT ROWID;
-"""
-
-# Step 1 is the whole current schema.sql (every statement IF NOT EXISTS), so a new file is
-# complete after it and the later steps change nothing there; they bring older files up.
+# schema.sql is the whole current schema and every statement in it is IF NOT EXISTS: step 1
+# makes a new file complete, and a step that only adds tables and indexes runs it again, which
+# creates what an older file lacks and leaves the rest alone.
 MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
-    ("readiness probe row; retention indexes; audit log; key usage", lambda: VERSION_2),
+    ("readiness probe row; retention indexes; audit log; key usage", schema_text),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
