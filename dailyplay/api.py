@@ -19,7 +19,7 @@ from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import MAX_MS, iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
-from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database
+from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database, audit_entry
 from .errors import ApiError
 from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
 from .logs import note
@@ -492,19 +492,6 @@ AUDIT_PAGE_DEFAULT = 50
 AUDIT_PAGE_MAX = 200
 
 
-def audit_entry_data(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "at": iso_from_ms(row["at"]),
-        "org_id": row["org_id"],
-        "actor": row["actor"],
-        "action": row["action"],
-        "api_key_id": row["api_key_id"],
-        "client_ip": row["client_ip"],
-        "changes": None if row["changes"] is None else json.loads(row["changes"]),
-    }
-
-
 async def audit_log(services: Services, request: Request, params: dict[str, str]) -> Response:
     """An org's audit trail, newest first, a page at a time (admins only)."""
     principal = await authenticate_bearer(services, request)
@@ -516,7 +503,7 @@ async def audit_log(services: Services, request: Request, params: dict[str, str]
         limit = inputs.query_positive_int(params, "limit", AUDIT_PAGE_MAX)
     before_id = inputs.query_positive_int(params, "before_id") if "before_id" in params else None
     rows = await services.db.list_audit(org_id, limit + 1, before_id)
-    entries = [audit_entry_data(row) for row in rows[:limit]]
+    entries = [audit_entry(row) for row in rows[:limit]]
     next_before = entries[-1]["id"] if len(rows) > limit else None
     return ok({"entries": entries, "next_before_id": next_before})
 

@@ -223,13 +223,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     if not db.org_exists(conn, args.org):
         raise CliError(f"organization {args.org} not found")
-    entries = []
-    for row in db.list_audit(conn, args.org, args.limit):
-        entry = {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row)
-        entry["at"] = iso_from_ms(entry["at"])
-        entry["changes"] = None if entry["changes"] is None else json.loads(entry["changes"])
-        entries.append(entry)
-    emit(entries)
+    emit([db.audit_entry(row) for row in db.list_audit(conn, args.org, args.limit)])
 
 
 def cmd_stats(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .clock import iso_from_ms
 from .config import DatabaseSettings
 
 T = TypeVar("T")
@@ -402,11 +403,7 @@ class Database:
 
     async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[sqlite3.Row]:
         """An org's audit entries, newest first, with ids below before_id when given."""
-        return await self._read_all(
-            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? AND id < ?"
-            " ORDER BY id DESC LIMIT ?",
-            (org_id, before_id if before_id is not None else 2**63 - 1, limit),
-        )
+        return list_audit(self.reader, org_id, limit, before_id)
 
     # --- retention -------------------------------------------------------------------------------
 
@@ -711,11 +708,29 @@ def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor)
     return row
 
 
-def list_audit(conn: sqlite3.Connection, org_id: int, limit: int) -> list[sqlite3.Row]:
+def list_audit(
+    conn: sqlite3.Connection, org_id: int, limit: int, before_id: int | None = None
+) -> list[sqlite3.Row]:
+    """An org's audit entries, newest first, with ids below before_id when given."""
     return conn.execute(
-        f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? ORDER BY id DESC LIMIT ?",
-        (org_id, limit),
+        f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? AND id < ?"
+        " ORDER BY id DESC LIMIT ?",
+        (org_id, before_id if before_id is not None else 2**63 - 1, limit),
     ).fetchall()
+
+
+def audit_entry(row: sqlite3.Row) -> dict[str, Any]:
+    """An audit row as the API and the CLI show it: ISO time, changes as an object."""
+    return {
+        "id": row["id"],
+        "at": iso_from_ms(row["at"]),
+        "org_id": row["org_id"],
+        "actor": row["actor"],
+        "action": row["action"],
+        "api_key_id": row["api_key_id"],
+        "client_ip": row["client_ip"],
+        "changes": None if row["changes"] is None else json.loads(row["changes"]),
+    }
 
 
 @dataclass
