@@ -466,13 +466,12 @@ class Database:
             if before is None:
                 return None, 0
             assignments = ", ".join(f"{column} = ?" for column in changes)
-            rows = conn.execute(
+            # The row was just read in this transaction, so the UPDATE finds it.
+            row = conn.execute(
                 f"UPDATE api_keys SET {assignments}, updated_at = ?"
                 f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
                 (*changes.values(), now, key_id, org_id),
-            ).fetchall()
-            if not rows:
-                return None, 0
+            ).fetchone()
             revoked = 0
             if changes.get("is_active") == 0:
                 revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
@@ -485,7 +484,7 @@ class Database:
             if "is_active" in diff:
                 action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
             record_audit(conn, now, org_id, by, action, key_id, diff)
-            return rows[0], revoked
+            return row, revoked
 
         return await self._in_transaction(work)
 
@@ -834,6 +833,16 @@ def _count_usage(conn: sqlite3.Connection, column: str, events: list[tuple[Any, 
         )
 
 
+# What key_usage reports per key, in the order its query selects them.
+USAGE_FIELDS = (
+    "sessions_created_24h",
+    "sessions_consumed_24h",
+    "sessions_created_30d",
+    "sessions_consumed_30d",
+)
+NO_USAGE = dict.fromkeys(USAGE_FIELDS, 0)
+
+
 def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict[str, int]]:
     """Sessions created and consumed per key of org_id in the last 24 hours and 30 days (by
     the hour: the current hour and the 23 or 719 before it)."""
@@ -847,23 +856,7 @@ def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict
         " AND api_key_id IN (SELECT id FROM api_keys WHERE org_id = ?) GROUP BY api_key_id",
         (hour - 24, hour - 24, hour - 30 * 24, org_id),
     ).fetchall()
-    return {
-        int(row[0]): {
-            "sessions_created_24h": row[1],
-            "sessions_consumed_24h": row[2],
-            "sessions_created_30d": row[3],
-            "sessions_consumed_30d": row[4],
-        }
-        for row in rows
-    }
-
-
-NO_USAGE = {
-    "sessions_created_24h": 0,
-    "sessions_consumed_24h": 0,
-    "sessions_created_30d": 0,
-    "sessions_consumed_30d": 0,
-}
+    return {int(row[0]): dict(zip(USAGE_FIELDS, row[1:], strict=True)) for row in rows}
 
 
 def _checkpoint_and_close(conn: sqlite3.Connection) -> None:
