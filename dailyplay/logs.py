@@ -21,10 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("dailyplay.access")
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# What handlers may add to a request's line (see note()).
-REQUEST_FIELDS = ("operation", "org_id", "key_id", "key_prefix", "user_id")
+# What handlers may add to a request's line (see note()); the rest the layer knows itself.
+REQUEST_FIELDS = ("org_id", "key_id", "key_prefix", "user_id")
 # The fields of a request line, in order.
 ACCESS_FIELDS = (
     "request_id",
@@ -44,10 +44,6 @@ ACCESS_FIELDS = (
 def note(scope: Scope, **fields: Any) -> None:
     """Add fields (REQUEST_FIELDS) to this request's log line."""
     scope.setdefault("state", {}).setdefault("log", {}).update(fields)
-
-
-def request_id_of(scope: Scope) -> str:
-    return str(scope.get("state", {}).get("request_id", ""))
 
 
 def _operation(query_string: bytes) -> str | None:
@@ -71,7 +67,7 @@ class RequestLogMiddleware:
         started = time.perf_counter()
         given = ""
         for name, value in scope["headers"]:
-            if name == b"x-request-id":
+            if name == REQUEST_ID_HEADER:
                 given = value.decode("latin-1")
                 break
         # 128 random bits as hex: what uuid4().hex gives, without building a UUID per request.
@@ -85,7 +81,7 @@ class RequestLogMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", ()))  # the app never sets this header
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append((REQUEST_ID_HEADER, request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -161,6 +157,3 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
-
-
-FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
