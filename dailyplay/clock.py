@@ -6,6 +6,10 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 

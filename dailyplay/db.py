@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .clock import iso_from_ms
+from .clock import HOUR_MS, iso_from_ms
 from .config import DatabaseSettings
 
 T = TypeVar("T")
@@ -812,7 +812,6 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
     return results
 
 
-HOUR_MS = 3_600_000
 # Usage is kept for the longest window listings show (30 days) and a day more.
 USAGE_KEPT_HOURS = 31 * 24
 

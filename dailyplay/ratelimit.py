@@ -23,14 +23,13 @@ from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
+from .clock import DAY_MS, MINUTE_MS
 from .clock import now_ms as current_ms
 from .db import Database
 from .errors import ApiError
 
 log = logging.getLogger("dailyplay.ratelimit")
 
-MINUTE_MS = 60_000
-DAY_MS = 86_400_000
 SPANS = {"minute": MINUTE_MS, "day": DAY_MS}
 
 

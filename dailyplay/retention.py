@@ -9,12 +9,11 @@ import logging
 import sqlite3
 
 from . import db
-from .clock import now_ms
+from .clock import DAY_MS, now_ms
 from .db import Database
 
 log = logging.getLogger("dailyplay.retention")
 
-DAY_MS = 86_400_000
 # The server's first pass waits a minute after start-up, then one runs every 10 minutes.
 FIRST_PASS_SECONDS = 60.0
 PASS_INTERVAL_SECONDS = 600.0

@@ -14,8 +14,8 @@ import pytest
 from conftest import add_org, cli_json, run_cli, sql
 
 from dailyplay import config, db
-from dailyplay.clock import now_ms
-from dailyplay.retention import DAY_MS, cutoff_ms, purge, run_retention
+from dailyplay.clock import DAY_MS, now_ms
+from dailyplay.retention import cutoff_ms, purge, run_retention
 
 NOW = now_ms()  # the CLI and the server's task use the wall clock
 

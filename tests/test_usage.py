@@ -8,7 +8,7 @@ import time
 from conftest import API, World, cli_json, sql
 
 from dailyplay import db
-from dailyplay.clock import now_ms
+from dailyplay.clock import HOUR_MS, now_ms
 
 
 def listing(world: World) -> dict[int, dict]:
@@ -46,7 +46,7 @@ def test_listings_count_tokens_created_and_consumed_per_key(world: World) -> Non
 
 def test_windows_count_by_the_hour_and_old_hours_are_pruned(world: World) -> None:
     key = world.create_key()
-    hour = now_ms() // db.HOUR_MS
+    hour = now_ms() // HOUR_MS
     for hours_ago, created, consumed in (
         (0, 1, 1),
         (23, 2, 0),
