@@ -11,7 +11,7 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -140,24 +140,23 @@ def cmd_backup(args: argparse.Namespace) -> None:
     )
 
 
-def _audit_limit(value: str) -> int:
-    try:
-        limit = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a whole number") from None
-    if not 1 <= limit <= 100_000:
-        raise argparse.ArgumentTypeError("must be 1..100000")
-    return limit
+def _whole_number(low: int, high: int, what: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number (of `what`) from low to high."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number{what}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}")
+        return number
+
+    return parse
 
 
-def _days(value: str) -> int:
-    try:
-        days = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a whole number of days") from None
-    if not 1 <= days <= 36_500:
-        raise argparse.ArgumentTypeError("must be 1..36500")
-    return days
+_audit_limit = _whole_number(1, 100_000)
+_days = _whole_number(1, 36_500, " of days")
 
 
 def cmd_init_db(args: argparse.Namespace) -> None:
