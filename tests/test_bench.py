@@ -14,12 +14,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None:
+def run_bench(*options: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench` with options, as a user runs it; it must succeed."""
     if shutil.which("wrk") is None:
         pytest.fail("wrk is needed for the benchmark (.ci/run installs it)")
-    out = tmp_path / "results.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench", *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -27,6 +27,12 @@ def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = run_bench("--smoke", "--out", str(out))
     results = json.loads(out.read_text())
     run = results["workers"]["1"]
     for mode in ("bare-get", "bare-post"):
@@ -48,19 +54,10 @@ def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None
 
 
 def test_the_memory_soak_samples_the_server_as_it_runs(tmp_path: Path) -> None:
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is needed for the benchmark (.ci/run installs it)")
     out = tmp_path / "soak.json"
-    options = ["--soak", "6", "--soak-interval", "1", "--soak-tokens", "5000", "--out", str(out)]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", *options],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_bench(
+        "--soak", "6", "--soak-interval", "1", "--soak-tokens", "5000", "--out", str(out)
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     soak = json.loads(out.read_text())["soak"]
     assert soak["load"]["rps"] > 0 and soak["load"]["socket_errors"] == 0
     assert len(soak["samples"]) >= 4
