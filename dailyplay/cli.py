@@ -230,11 +230,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     if not db.org_exists(conn, args.org):
         raise CliError(f"organization {args.org} not found")
     usage = db.key_usage(conn, args.org, now_ms())
-    keys = conn.execute(
-        "SELECT id, name, key_prefix, is_active, last_used_at FROM api_keys WHERE org_id = ?"
-        " ORDER BY id",
-        (args.org,),
-    ).fetchall()
+    keys = db.list_api_keys(conn, args.org)
     emit(
         [
             {

@@ -435,9 +435,7 @@ class Database:
     # --- API keys ------------------------------------------------------------------------------
 
     async def list_api_keys(self, org_id: int) -> list[sqlite3.Row]:
-        return await self._read_all(
-            f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
-        )
+        return list_api_keys(self.reader, org_id)
 
     async def key_usage(self, org_id: int, now: int) -> dict[int, dict[str, int]]:
         """Per key of the org: sessions created/consumed in the last 24 h and 30 days."""
@@ -705,6 +703,13 @@ def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor)
     changes = {column: {"from": None, "to": value} for column, value in settings.items()}
     record_audit(conn, row["created_at"], row["org_id"], by, "api_key.create", row["id"], changes)
     return row
+
+
+def list_api_keys(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
+    """An org's keys (never their hashes), oldest first."""
+    return conn.execute(
+        f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
+    ).fetchall()
 
 
 def list_audit(
