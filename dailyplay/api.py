@@ -10,7 +10,7 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,6 +30,9 @@ from .ratelimit import (
     WindowState,
     rate_limit_headers,
 )
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("dailyplay.api")
 
@@ -55,6 +58,7 @@ class Services:
     public_limiter: PublicRateLimiter
     auth_failures: FailedAuthLimiter
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    metrics: Metrics
 
 
 async def read_body(services: Services, request: Request) -> dict[str, Any]:
@@ -115,12 +119,14 @@ async def authenticate_bearer(services: Services, request: Request) -> Principal
             401,
             "missing bearer token: send Authorization: Bearer <Clerk session JWT>",
             headers={"WWW-Authenticate": "Bearer"},
+            kind="bearer_missing",
         )
     try:
         principal = await services.jwt.verify(token.strip())
     except ApiError as exc:
         if exc.status == 401:
             exc.headers.setdefault("WWW-Authenticate", 'Bearer error="invalid_token"')
+            exc.kind = exc.kind or "bearer_invalid"
         raise
     note(request.scope, user_id=principal.user_id)
     return principal
@@ -139,24 +145,32 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
     """The x-api-key's current row, checked (401/403) and counted against its limits (429)."""
     raw = request.headers.get("x-api-key")
     if not raw:
-        raise ApiError(401, "missing API key: send it in the x-api-key header")
+        raise ApiError(
+            401, "missing API key: send it in the x-api-key header", kind="api_key_missing"
+        )
     if not is_well_formed(raw):
-        raise ApiError(401, "malformed API key: expected dpk_ followed by 40 lowercase hex digits")
+        raise ApiError(
+            401,
+            "malformed API key: expected dpk_ followed by 40 lowercase hex digits",
+            kind="api_key_malformed",
+        )
     note(request.scope, key_prefix=key_prefix(raw))
     verified = await services.key_verifier.verify(raw)
     if verified is None:
-        raise ApiError(401, "invalid API key")
+        raise ApiError(401, "invalid API key", kind="api_key_invalid")
     row = await services.db.get_api_key_for_request(verified.key_id)
     if row is None or row["key_hash"] != verified.key_hash:
-        raise ApiError(401, "invalid API key")
+        raise ApiError(401, "invalid API key", kind="api_key_invalid")
     note(request.scope, key_id=row["id"], org_id=row["org_id"])
     if not row["is_active"]:
-        raise ApiError(401, "API key has been revoked")
+        raise ApiError(401, "API key has been revoked", kind="api_key_revoked")
     if row["expires_at"] is not None and row["expires_at"] <= now:
-        raise ApiError(401, "API key has expired")
+        raise ApiError(401, "API key has expired", kind="api_key_expired")
     if row["tier"] != "business":
         raise ApiError(
-            403, "session tokens need the Business tier; this API key's organization is not on it"
+            403,
+            "session tokens need the Business tier; this API key's organization is not on it",
+            kind="org_not_business",
         )
     rate = await services.key_limiter.hit(
         row["id"], row["rate_limit_per_minute"], row["rate_limit_per_day"], now
@@ -222,6 +236,7 @@ async def create_session(services: Services, request: Request, params: dict[str,
     except ApiError as exc:
         exc.headers = {**headers, **exc.headers}
         raise
+    services.metrics.sessions_created.inc()
     return ok(
         {
             "token": str(token),
@@ -237,7 +252,9 @@ async def create_session(services: Services, request: Request, params: dict[str,
 def _check_allowed(value: int | None, allowed: list[int] | None, what: str) -> None:
     """403 when the key has an allow-list for this kind of id and value is not on it."""
     if value is not None and allowed is not None and value not in allowed:
-        raise ApiError(403, f"this API key may not create sessions for {what} {value}")
+        raise ApiError(
+            403, f"this API key may not create sessions for {what} {value}", kind="not_allowed"
+        )
 
 
 def _session_status(row: sqlite3.Row, now: int) -> str:
@@ -261,9 +278,10 @@ async def validate_session(
     token = inputs.session_token(params["token"])
     row = await services.db.get_session(token)
     if row is None:
-        raise ApiError(404, "session token not found")
+        raise ApiError(404, "session token not found", kind="not_found")
     note(request.scope, org_id=row["org_id"])
     status = _session_status(row, now)
+    services.metrics.observe_validation(status)
     return ok(
         {
             "valid": status == "active",
@@ -295,12 +313,14 @@ async def consume_session(services: Services, request: Request, params: dict[str
     if row is None:
         current = await services.db.get_session(token)
         if current is None:
-            raise ApiError(404, "session token not found")
+            raise ApiError(404, "session token not found", kind="not_found")
         note(request.scope, org_id=current["org_id"])
         status = _session_status(current, now)
         # An active row here expired between the two statements: report it as expired.
-        raise ApiError(410, GONE_MESSAGES.get(status, GONE_MESSAGES["expired"]))
+        status = status if status in GONE_MESSAGES else "expired"
+        raise ApiError(410, GONE_MESSAGES[status], kind=status)
     note(request.scope, org_id=row["org_id"])
+    services.metrics.sessions_consumed.inc()
     return ok(
         {
             "session_id": row["id"],
@@ -392,7 +412,9 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
     org = await services.db.get_org(org_id)
     if org is None or org["tier"] != "business":
         raise ApiError(
-            403, f"organization {org_id} is not on the Business tier, which API keys need"
+            403,
+            f"organization {org_id} is not on the Business tier, which API keys need",
+            kind="org_not_business",
         )
     now = now_ms()
     name = inputs.text(body["name"], "name", MAX_NAME, required=True)
@@ -536,6 +558,20 @@ OPERATIONS: dict[str | None, dict[str, Operation]] = {
     },
 }
 ACTIONS = [action for action in OPERATIONS if action is not None]
+# Names of the key-management operations (no action), by method: for logs and metrics.
+KEY_MANAGEMENT = {
+    "GET": "list-api-keys",
+    "POST": "create-api-key",
+    "PATCH": "update-api-key",
+    "DELETE": "delete-api-key",
+}
+
+
+def operation_name(method: str, action: str | None) -> str:
+    """The operation a request asks for; "other" for an unknown action or method."""
+    if action is None:
+        return KEY_MANAGEMENT.get(method, "other")
+    return action if action in OPERATIONS else "other"
 
 
 def select_operation(request: Request) -> Operation:
@@ -565,6 +601,16 @@ def select_operation(request: Request) -> Operation:
 async def handle_org_api_keys(request: Request) -> Response:
     """The one public route: pick the operation, check the query, run it."""
     services: Services = request.app.state.services
+    try:
+        return await _run_operation(services, request)
+    except ApiError as exc:
+        if exc.kind is not None:
+            action = request.query_params.get("action")
+            services.metrics.observe_error(operation_name(request.method, action), exc.kind)
+        raise
+
+
+async def _run_operation(services: Services, request: Request) -> Response:
     operation = select_operation(request)
     params = inputs.query_params(request, operation.query)
     # Only requests that present a credential are counted and locked out: one without any

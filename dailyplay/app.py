@@ -29,6 +29,8 @@ from .db import SCHEMA_VERSION, Database
 from .errors import ApiError
 from .keys import ApiKeyVerifier
 from .logs import RequestLogMiddleware
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 from .retention import run_retention
@@ -66,6 +68,7 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     # Another process held the write lock past database.busy_timeout_ms: the client may retry.
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
         log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        request.app.state.metrics.busy_errors.inc()
         return error_response(
             503, "the database is busy; try again shortly", headers={"Retry-After": "1"}
         )
@@ -212,6 +215,15 @@ def health_routes() -> list[Route]:
     ]
 
 
+def metrics_routes(metrics: Metrics) -> list[Route]:
+    """GET /metrics: the Prometheus text exposition (of every worker, with several)."""
+
+    async def exposition(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    return [Route("/metrics", exposition, methods=["GET"])]
+
+
 def _not_ready(reason: str) -> Response:
     log.warning("not ready: %s", reason)
     return error_response(503, f"not ready: {reason}", {"Retry-After": "5"})
@@ -222,10 +234,11 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     settings = settings or config.load()
     jwt_verifier = JwtVerifier(settings.auth)  # fails fast on a bad key file
     trusted = [ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies]
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        db = Database(settings.database)
+        db = Database(settings.database, metrics.observe_commit)
         await db.open()
         key_limiter = KeyRateLimiter(db)
         app.state.services = Services(
@@ -237,6 +250,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             public_limiter=PublicRateLimiter(settings.limits.public_per_minute),
             auth_failures=FailedAuthLimiter(settings.limits.failed_auth_per_minute),
             trusted_proxies=trusted,
+            metrics=metrics,
         )
         # Everything made so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise walk it every few seconds under load (tens of ms each).
@@ -255,7 +269,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         return client_ip(Request(scope), trusted)
 
     middleware = [
-        Middleware(RequestLogMiddleware, client_ip=logged_client_ip),
+        Middleware(RequestLogMiddleware, client_ip=logged_client_ip, metrics=metrics),
         Middleware(ConcurrencyLimit, limit=settings.server.max_concurrent_requests),
     ]
     if settings.cors.allow_origins:
@@ -269,12 +283,15 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
                 max_age=600,
             )
         )
+    routes = [
+        Route("/api/org-api-keys", OrgApiKeysEndpoint()),
+        *document_routes(settings),
+        *health_routes(),
+    ]
+    if settings.metrics.enabled and settings.metrics.port == 0:
+        routes += metrics_routes(metrics)
     app = Starlette(
-        routes=[
-            Route("/api/org-api-keys", OrgApiKeysEndpoint()),
-            *document_routes(settings),
-            *health_routes(),
-        ],
+        routes=routes,
         middleware=middleware,
         exception_handlers={
             ApiError: _api_error,
@@ -285,6 +302,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False
+    app.state.metrics = metrics
     return app
 
 

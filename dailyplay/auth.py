@@ -97,6 +97,7 @@ class JwtVerifier:
                 401,
                 "bearer authentication is not configured on this server (auth.jwks_url or "
                 "auth.jwt_public_key)",
+                kind="bearer_not_configured",
             )
         if not token or len(token) > MAX_TOKEN_BYTES:
             raise ApiError(401, "invalid bearer token")
@@ -128,7 +129,7 @@ class JwtVerifier:
                 options=options,
             )
         except jwt.ExpiredSignatureError:
-            raise ApiError(401, "invalid bearer token: expired") from None
+            raise ApiError(401, "invalid bearer token: expired", kind="bearer_expired") from None
         except jwt.ImmatureSignatureError:
             raise ApiError(401, "invalid bearer token: not valid yet (nbf/iat)") from None
         except jwt.InvalidIssuerError:
@@ -216,6 +217,8 @@ async def require_org_role(
     """ApiError 403 unless the principal may act for org_id (as admin when need_admin)."""
     role = await org_role(db, principal, org_id)
     if role is None:
-        raise ApiError(403, f"you are not a member of organization {org_id}")
+        raise ApiError(403, f"you are not a member of organization {org_id}", kind="not_member")
     if need_admin and role != "admin":
-        raise ApiError(403, f"this action needs the admin role in organization {org_id}")
+        raise ApiError(
+            403, f"this action needs the admin role in organization {org_id}", kind="not_admin"
+        )

@@ -4,14 +4,16 @@ prints JSON on stdout."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -293,23 +295,75 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
             name = f"DAILYPLAY_{section.upper()}_{key.upper()}"
             os.environ[name] = json.dumps(value) if isinstance(value, list) else str(value)
     server = settings.server
-    if announce:
-        emit(
-            {
-                "listening": f"http://{server.host}:{server.port}",
-                "workers": server.workers,
-                "database": str(Path(settings.database.path).resolve()),
-                "pid": os.getpid(),
-            }
-        )
-    serve_with_uvicorn(
-        "dailyplay.app:app_from_environment",
-        host=server.host,
-        port=server.port,
-        workers=server.workers,
-        log_level=server.log_level,
-        log_format=server.log_format,
-    )
+    with metrics_files() as metrics_directory:
+        listener = start_metrics_listener(settings.metrics, metrics_directory)
+        try:
+            if announce:
+                emit(
+                    {
+                        "listening": f"http://{server.host}:{server.port}",
+                        "workers": server.workers,
+                        "database": str(Path(settings.database.path).resolve()),
+                        "metrics": metrics_url(settings),
+                        "pid": os.getpid(),
+                    }
+                )
+            serve_with_uvicorn(
+                "dailyplay.app:app_from_environment",
+                host=server.host,
+                port=server.port,
+                workers=server.workers,
+                log_level=server.log_level,
+                log_format=server.log_format,
+            )
+        finally:
+            if listener is not None:
+                listener.shutdown()
+                listener.server_close()
+
+
+# prometheus-client's multiprocess switch; named here, as importing dailyplay.metrics (and so
+# prometheus_client) before it is set would leave this process out of multiprocess mode.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def metrics_files() -> Iterator[str]:
+    """A fresh directory for the workers' metric files, named in PROMETHEUS_MULTIPROC_DIR for
+    the workers (set before any of them imports prometheus_client); removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="dailyplay-metrics-") as directory:
+        os.environ[MULTIPROCESS_ENV] = directory
+        try:
+            yield directory
+        finally:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+
+
+def start_metrics_listener(settings: config.MetricsSettings, directory: str) -> Any:
+    """With metrics.port set: serve every worker's metrics there, from this process."""
+    if not settings.enabled or settings.port == 0:
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    try:
+        server, _thread = start_http_server(settings.port, settings.host, registry=registry)
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen for metrics on {settings.host}:{settings.port}: {exc.strerror}"
+        ) from None
+    return server
+
+
+def metrics_url(settings: config.Settings) -> str | None:
+    metrics = settings.metrics
+    if not metrics.enabled:
+        return None
+    if metrics.port == 0:
+        return f"http://{settings.server.host}:{settings.server.port}/metrics"
+    return f"http://{metrics.host}:{metrics.port}/metrics"
 
 
 def serve_with_uvicorn(

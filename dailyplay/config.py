@@ -96,6 +96,13 @@ class CorsSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = _setting(True, "serve Prometheus metrics (false: no /metrics anywhere)")
+    port: int = _setting(0, "0: GET /metrics on the API's port; else a listener of its own")
+    host: str = _setting("127.0.0.1", "address of that listener (when port is not 0)")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -103,6 +110,7 @@ class Settings:
     sessions: SessionSettings = field(default_factory=SessionSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def replace(self, section: str, **values: Any) -> Settings:
         """A copy with some keys of one section changed (validated like loaded values)."""
@@ -118,6 +126,7 @@ _SECTION_TYPES = {
     "sessions": SessionSettings,
     "limits": LimitSettings,
     "cors": CorsSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -145,6 +154,15 @@ def _coerce(section: str, key: str, value: Any, annotation: str, source: str) ->
                 raise ConfigError(f"{where} must be an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation == "bool":
+        if isinstance(value, str):
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if value.strip().lower() not in words:
+                raise ConfigError(f"{where} must be true or false, got {value!r}")
+            value = words[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if annotation == "str":
         if not isinstance(value, str):
@@ -191,6 +209,11 @@ def _check_ranges(s: Settings) -> None:
 
     need(1 <= s.server.port <= 65535, "server.port must be between 1 and 65535")
     need(1 <= s.server.workers <= 64, "server.workers must be between 1 and 64")
+    need(0 <= s.metrics.port <= 65535, "metrics.port must be between 0 and 65535")
+    need(
+        s.metrics.port == 0 or s.metrics.port != s.server.port,
+        "metrics.port must differ from server.port (0 serves /metrics on the API's port)",
+    )
     need(
         s.server.log_level in {"critical", "error", "warning", "info", "debug"},
         "server.log_level must be one of critical, error, warning, info, debug",

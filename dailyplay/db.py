@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -249,11 +250,14 @@ class WriterLock:
     def __init__(self, database_path: str):
         self._fd = os.open(f"{database_path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> bool:
+        """Take the lock; True when another process held it and this one waited."""
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             await asyncio.to_thread(fcntl.flock, self._fd, fcntl.LOCK_EX)
+            return True
+        return False
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -272,8 +276,14 @@ class Database:
     read-only connection directly on the event loop.
     """
 
-    def __init__(self, settings: DatabaseSettings):
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        observe_commit: Callable[[float, int, bool], None] | None = None,
+    ):
         self.settings = settings
+        # Told of each group commit: (seconds holding the write lock, writes, waited for it).
+        self._observe_commit = observe_commit
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None
@@ -352,13 +362,16 @@ class Database:
         lock = self._writer_lock
         assert lock is not None
         while self._pending:
-            await lock.acquire()
+            waited = await lock.acquire()
+            started = time.perf_counter()
             try:
                 # Taken after the lock: writes that came in while waiting join this group.
                 group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
                 await self._commit_group(group)
             finally:
                 lock.release()
+                if self._observe_commit is not None:
+                    self._observe_commit(time.perf_counter() - started, len(group), waited)
 
     async def _commit_group(self, group: list[_Write]) -> None:
         writes = [(item.kind, item.payload) for item in group]

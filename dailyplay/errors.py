@@ -8,8 +8,17 @@ from collections.abc import Mapping
 class ApiError(Exception):
     """A client's error (or a chosen 5xx), answered as {"success": false, "error": message}."""
 
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        kind: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
+        # What went wrong, for metrics (metrics.ERROR_KINDS); never shown to the client.
+        self.kind = kind

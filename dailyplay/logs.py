@@ -54,11 +54,13 @@ def _operation(query_string: bytes) -> str | None:
 
 
 class RequestLogMiddleware:
-    """Outermost layer: assigns the request id, echoes it, and logs the request's line."""
+    """Outermost layer: assigns the request id, echoes it, logs the request's line and hands
+    its operation, status and latency to the metrics."""
 
-    def __init__(self, app: ASGIApp, client_ip: Any = None):
+    def __init__(self, app: ASGIApp, client_ip: Any = None, metrics: Any = None):
         self.app = app
         self.client_ip = client_ip  # (scope) -> str, trusting proxies as the API does
+        self.metrics = metrics  # a metrics.Metrics, or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,17 +90,23 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
+            operation = _operation(scope.get("query_string", b""))
+            if self.metrics is not None:
+                self.metrics.observe_request(
+                    scope["method"], scope["path"], operation, status, seconds
+                )
             if access_log.isEnabledFor(logging.INFO):
-                self._log(scope, status, started)
+                self._log(scope, status, operation, seconds)
 
-    def _log(self, scope: Scope, status: int, started: float) -> None:
+    def _log(self, scope: Scope, status: int, operation: str | None, seconds: float) -> None:
         fields: dict[str, Any] = {
             "request_id": scope["state"]["request_id"],
             "method": scope["method"],
             "path": scope["path"],
-            "operation": _operation(scope.get("query_string", b"")),
+            "operation": operation,
             "status": status,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            "latency_ms": round(seconds * 1000, 2),
         }
         noted = scope["state"].get("log", {})
         fields.update({k: noted[k] for k in REQUEST_FIELDS if k in noted})

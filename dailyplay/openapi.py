@@ -48,6 +48,8 @@ def document_for(settings: Settings) -> dict[str, Any]:
     doc["components"]["responses"]["PayloadTooLarge"]["description"] = (
         f"The request body is larger than {limits.max_body_bytes} bytes (limits.max_body_bytes)"
     )
+    if not settings.metrics.enabled or settings.metrics.port != 0:
+        del doc["paths"]["/metrics"]  # not on this port
     return doc
 
 

@@ -53,7 +53,7 @@ def _retry_after(reset_ms: int, now_ms: int) -> str:
     return str(max(1, -(-(reset_ms - now_ms) // 1000)))
 
 
-def _too_many(message: str, window: _Window, now_ms: int) -> ApiError:
+def _too_many(message: str, window: _Window, now_ms: int, kind: str) -> ApiError:
     """The 429 for an exhausted window: Retry-After and X-RateLimit-* with nothing remaining."""
     return ApiError(
         429,
@@ -62,6 +62,7 @@ def _too_many(message: str, window: _Window, now_ms: int) -> ApiError:
             "Retry-After": _retry_after(window.reset_ms, now_ms),
             **rate_limit_headers(WindowState(window.item.amount, 0, window.reset_ms)),
         },
+        kind=kind,
     )
 
 
@@ -248,6 +249,7 @@ class KeyRateLimiter:
                     f"{window.amount} requests is used up",
                     window,
                     now_ms,
+                    f"key_per_{window.span}",
                 )
         tightest: WindowState | None = None
         counted = ((windows.minute, windows.minute_slot), (windows.day, windows.day_slot))
@@ -305,8 +307,9 @@ class KeyRateLimiter:
 class _PerClientLimiter:
     """A per-minute count per client IP, kept in this process (0: unlimited)."""
 
-    # The 429's message; {limit} is the per-minute limit.
+    # The 429's message ({limit} is the per-minute limit) and its kind for metrics.
     refusal = ""
+    kind = ""
 
     def __init__(self, per_minute: int):
         self._per_minute = per_minute
@@ -321,13 +324,14 @@ class _PerClientLimiter:
         identifiers = window.identifiers(client_ip)
         admitted = self._limiter.hit if count else self._limiter.test
         if not admitted(window.item, *identifiers):
-            raise _too_many(self.refusal.format(limit=self._per_minute), window, now_ms)
+            raise _too_many(self.refusal.format(limit=self._per_minute), window, now_ms, self.kind)
 
 
 class PublicRateLimiter(_PerClientLimiter):
     """Requests per client IP per minute for the unauthenticated operations (0: unlimited)."""
 
     refusal = "rate limit exceeded: at most {limit} requests per minute from one client address"
+    kind = "client_ip"
 
     def hit(self, client_ip: str, now_ms: int) -> None:
         self._admit(client_ip, now_ms, count=True)
@@ -344,6 +348,7 @@ class FailedAuthLimiter(_PerClientLimiter):
         "too many failed authentications from this address (at most {limit} a minute); "
         "try again later"
     )
+    kind = "failed_auth"
 
     def check(self, client_ip: str, now_ms: int) -> None:
         self._admit(client_ip, now_ms, count=False)

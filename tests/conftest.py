@@ -103,6 +103,14 @@ def make_settings(tmp_path: Path, rsa_key: SigningKey) -> Callable[..., config.S
 
 
 @pytest.fixture
+def fresh_minute() -> None:
+    """Start well inside a clock minute, so a test's requests share one rate-limit window."""
+    into = time.time() % 60
+    if into > 50:
+        time.sleep(60 - into + 0.2)
+
+
+@pytest.fixture
 def settings(make_settings: Callable[..., config.Settings]) -> config.Settings:
     return make_settings()
 
@@ -276,14 +284,22 @@ def dailyplay_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def serve(settings: config.Settings, tmp_path: Path, workers: int = 1) -> Iterator[Server]:
+def serve(
+    settings: config.Settings,
+    tmp_path: Path,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
     """Start `dailyplay serve` on a free port; stop it with SIGTERM (SIGKILL if it hangs)."""
     port = free_port()
     cfg = write_config(
         settings.replace("server", port=port, workers=workers), tmp_path / f"serve-{port}.toml"
     )
     log_path = tmp_path / f"serve-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")},
+        **(env or {}),
+    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*dailyplay_command(), "serve", "--config", str(cfg)],

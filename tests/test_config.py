@@ -53,6 +53,9 @@ def test_file_then_environment(tmp_path: Path) -> None:
         }
     )
     assert by_env.server.port == 9100 and by_env.cors.allow_origins == ["*"]
+    assert by_env.metrics.enabled is True
+    for text, enabled in (("false", False), ("0", False), ("TRUE", True), ("no", False)):
+        assert config.load(env={"DAILYPLAY_METRICS_ENABLED": text}).metrics.enabled is enabled
 
 
 @pytest.mark.parametrize(
@@ -65,6 +68,11 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("[server\n", {}, "not valid TOML"),
         ("", {"DAILYPLAY_SERVER_PORT": "abc"}, "server.port"),
         ("", {"DAILYPLAY_SERVER_WORKERS": "0"}, "server.workers"),
+        ("[metrics]\nenabled = 'maybe'\n", {}, "metrics.enabled"),
+        ("[metrics]\nenabled = 1\n", {}, "metrics.enabled"),
+        ("", {"DAILYPLAY_METRICS_ENABLED": "perhaps"}, "metrics.enabled"),
+        ("[metrics]\nport = 8787\n", {}, "metrics.port must differ"),
+        ("[metrics]\nport = 70000\n", {}, "metrics.port"),
         (
             "[sessions]\ndefault_expires_minutes = 100\nmax_expires_minutes = 50\n",
             {},

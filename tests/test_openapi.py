@@ -131,7 +131,18 @@ def test_document_and_app_serve_the_same_routes(client: AppClient) -> None:
     assert documented_routes(shipped_document()) == served_routes(client)
 
 
-@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/healthz", "/readyz"])
+@pytest.mark.parametrize("metrics", [{"enabled": False}, {"port": 9}])
+def test_without_metrics_on_the_api_port_document_and_routes_still_agree(
+    make_settings, metrics: dict[str, Any]
+) -> None:
+    settings = make_settings(metrics=metrics)
+    with running_app(settings) as client:
+        served = client.get("/openapi.json").json()
+        assert "/metrics" not in served["paths"]
+        assert documented_routes(served) == served_routes(client)
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/healthz", "/readyz", "/metrics"])
 def test_document_routes_refuse_other_methods_in_the_error_shape(
     client: AppClient, path: str
 ) -> None:

@@ -10,13 +10,7 @@ from conftest import API, AppClient, World, add_org, assert_error, running_app, 
 
 from dailyplay.app import create_app
 
-
-@pytest.fixture(autouse=True)
-def fresh_minute() -> None:
-    """Start well inside a clock minute, so a test's requests share one window."""
-    into = time.time() % 60
-    if into > 50:
-        time.sleep(60 - into + 0.2)
+pytestmark = pytest.mark.usefixtures("fresh_minute")
 
 
 def test_per_minute_limit_counts_down_then_429(world: World) -> None:

@@ -1,0 +1,185 @@
+"""Prometheus metrics: what the service counts, and the text exposition at GET /metrics.
+
+With several worker processes each keeps its numbers in memory-mapped files in one directory
+(prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR before the library is
+first imported; `dailyplay serve` sets it), and a scrape answered by any worker sums them all.
+Without that variable (one process, tests) the numbers live in this process only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .api import operation_name
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# The `operation` label: the API's operations (api.operation_name), the other routes, and
+# "other" for anything else, so that no caller can make new label values (series) up.
+ROUTES = {
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/openapi.json": "openapi",
+    "/docs": "docs",
+    "/sdk/dailyplay.js": "sdk",
+}
+API_PATH = "/api/org-api-keys"
+
+# ApiError.kind -> which counter counts it.
+AUTH_FAILURES = frozenset(
+    {
+        "api_key_missing",
+        "api_key_malformed",
+        "api_key_invalid",
+        "api_key_revoked",
+        "api_key_expired",
+        "org_not_business",
+        "bearer_missing",
+        "bearer_invalid",
+        "bearer_expired",
+        "bearer_not_configured",
+        "not_member",
+        "not_admin",
+    }
+)
+RATE_LIMITS = frozenset({"key_per_minute", "key_per_day", "client_ip", "failed_auth"})
+SESSION_REJECTIONS = frozenset({"not_found", "consumed", "expired", "revoked", "not_allowed"})
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GROUP_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+
+def operation_label(method: str, path: str, action: str | None) -> str:
+    """The bounded `operation` label of a request (action: the query's `action`, if any)."""
+    if path == API_PATH:
+        return operation_name(method, action)
+    return ROUTES.get(path, "other")
+
+
+class Metrics:
+    """The service's counters and histograms, and their exposition."""
+
+    def __init__(self) -> None:
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        self.registry = CollectorRegistry()
+        owner: CollectorRegistry | None = self.registry
+        if directory:
+            if values.ValueClass is values.MutexValue:
+                raise RuntimeError(
+                    f"{MULTIPROCESS_ENV} was set after prometheus_client was imported; "
+                    "metrics of other worker processes would be missing"
+                )
+            MultiProcessCollector(self.registry, path=directory)
+            owner = None  # values go to the shared files; the collector reads them all
+        self.multiprocess = bool(directory)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=owner)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: Any) -> Histogram:
+            return Histogram(name, doc, labels, registry=owner, buckets=buckets)
+
+        self.requests = counter(
+            "dailyplay_http_requests", "HTTP requests answered", ("operation", "status")
+        )
+        self.request_seconds = histogram(
+            "dailyplay_http_request_duration_seconds",
+            "Time from a request's arrival to its last response byte",
+            ("operation",),
+            LATENCY_BUCKETS,
+        )
+        self.sessions_created = counter("dailyplay_sessions_created", "Session tokens created")
+        self.sessions_validated = counter(
+            "dailyplay_sessions_validated", "Validations that found an active (playable) token"
+        )
+        self.sessions_consumed = counter("dailyplay_sessions_consumed", "Session tokens consumed")
+        self.sessions_rejected = counter(
+            "dailyplay_sessions_rejected",
+            "Create, validate or consume requests refused for the token's sake, by reason",
+            ("operation", "reason"),
+        )
+        self.auth_failures = counter(
+            "dailyplay_auth_failures", "Failed authentications and authorizations", ("kind",)
+        )
+        self.rate_limited = counter(
+            "dailyplay_rate_limited", "Requests refused with 429, by limit", ("limit",)
+        )
+        self.commit_seconds = histogram(
+            "dailyplay_db_commit_duration_seconds",
+            "Group commits: time from taking the write lock to COMMIT returning",
+            (),
+            LATENCY_BUCKETS,
+        )
+        self.commit_writes = histogram(
+            "dailyplay_db_commit_writes",
+            "Writes (requests) sharing one group commit",
+            (),
+            GROUP_SIZE_BUCKETS,
+        )
+        self.busy_retries = counter(
+            "dailyplay_db_busy_retries",
+            "Group commits that found another worker writing and waited for it",
+        )
+        self.busy_errors = counter(
+            "dailyplay_db_busy_errors",
+            "Requests answered 503 because the database stayed locked past its timeout",
+        )
+        # Label children are looked up once per label value, not per request.
+        self._per_request: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._errors: dict[tuple[str, str], Any] = {}
+
+    def observe_request(
+        self, method: str, path: str, action: str | None, status: int, seconds: float
+    ) -> None:
+        """One answered request (action: its query's `action`, if any)."""
+        operation = operation_label(method, path, action)
+        children = self._per_request.get((operation, status))
+        if children is None:
+            children = (
+                self.requests.labels(operation, str(status)),
+                self.request_seconds.labels(operation),
+            )
+            self._per_request[(operation, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_error(self, operation: str, kind: str | None) -> None:
+        """Count an ApiError by its kind (errors without a counted kind are left out)."""
+        if kind is None:
+            return
+        child = self._errors.get((operation, kind))
+        if child is None:
+            if kind in AUTH_FAILURES:
+                child = self.auth_failures.labels(kind)
+            elif kind in RATE_LIMITS:
+                child = self.rate_limited.labels(kind)
+            elif kind in SESSION_REJECTIONS:
+                child = self.sessions_rejected.labels(operation, kind)
+            else:
+                raise ValueError(f"unknown error kind {kind!r}")
+            self._errors[(operation, kind)] = child
+        child.inc()
+
+    def observe_validation(self, status: str) -> None:
+        """A validate-session answer: active counts as validated, the rest as rejected."""
+        if status == "active":
+            self.sessions_validated.inc()
+        else:
+            self.observe_error("validate-session", status)
+
+    def observe_commit(self, seconds: float, writes: int, waited: bool) -> None:
+        self.commit_seconds.observe(seconds)
+        self.commit_writes.observe(writes)
+        if waited:
+            self.busy_retries.inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (all workers' in multiprocess mode)."""
+        return generate_latest(self.registry)

@@ -1,0 +1,214 @@
+"""GET /metrics: what is counted, bounded labels, every worker's numbers, elsewhere or off."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import API, AppClient, World, add_org, free_port, running_app, serve, sql
+from prometheus_client.parser import text_string_to_metric_families
+
+from dailyplay import db
+from dailyplay.clock import now_ms
+from dailyplay.keys import issue_api_key
+
+
+def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """{(sample name, labels): value} of an exposition."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def metrics_of(client: AppClient) -> dict:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return scrape(response.text)
+
+
+@pytest.mark.usefixtures("fresh_minute")
+def test_sessions_rejections_auth_failures_and_rate_limits_are_counted(world: World) -> None:
+    client = world.client
+    key = world.create_key(rate_limit_per_minute=3, allowed_game_ids=[42])["key"]
+    token = world.token(key)
+    assert world.create_session(key, game_id=7).status_code == 403  # not on the allow-list
+    assert client.get(f"{API}?action=validate-session&token={token}").status_code == 200
+    assert client.post(f"{API}?action=consume-session", json={"token": token}).status_code == 200
+    assert client.post(f"{API}?action=consume-session", json={"token": token}).status_code == 410
+    assert client.get(f"{API}?action=validate-session&token={token}").json()["data"]["valid"] is (
+        False
+    )
+    unknown = str(uuid.uuid4())
+    assert client.get(f"{API}?action=validate-session&token={unknown}").status_code == 404
+    assert client.post(f"{API}?action=consume-session", json={"token": unknown}).status_code == 404
+    world.token(key)
+    assert world.create_session(key).status_code == 429  # the fourth in this minute
+    no_key = client.post(f"{API}?action=create-session", json={"game_id": 42})
+    assert no_key.status_code == 401
+    wrong_key = client.post(
+        f"{API}?action=create-session",
+        json={"game_id": 42},
+        headers={"x-api-key": "dpk_" + "0" * 40},
+    )
+    assert wrong_key.status_code == 401
+    assert client.get(f"{API}?org_id={world.org_id}").status_code == 401  # no bearer
+    member_create = client.post(
+        API, json={"org_id": world.org_id, "name": "x"}, headers=world.bearer(world.member)
+    )
+    assert member_create.status_code == 403
+
+    m = metrics_of(client)
+    assert value(m, "dailyplay_sessions_created_total") == 2
+    assert value(m, "dailyplay_sessions_validated_total") == 1
+    assert value(m, "dailyplay_sessions_consumed_total") == 1
+    rejected = "dailyplay_sessions_rejected_total"
+    assert value(m, rejected, operation="create-session", reason="not_allowed") == 1
+    assert value(m, rejected, operation="consume-session", reason="consumed") == 1
+    assert value(m, rejected, operation="validate-session", reason="consumed") == 1
+    assert value(m, rejected, operation="validate-session", reason="not_found") == 1
+    assert value(m, rejected, operation="consume-session", reason="not_found") == 1
+    failures = "dailyplay_auth_failures_total"
+    assert value(m, failures, kind="api_key_missing") == 1
+    assert value(m, failures, kind="api_key_invalid") == 1
+    assert value(m, failures, kind="bearer_missing") == 1
+    assert value(m, failures, kind="not_admin") == 1
+    assert value(m, "dailyplay_rate_limited_total", limit="key_per_minute") == 1
+
+    requests = "dailyplay_http_requests_total"
+    assert value(m, requests, operation="create-session", status="200") == 2
+    assert value(m, requests, operation="create-session", status="429") == 1
+    assert value(m, requests, operation="create-session", status="401") == 2
+    assert value(m, requests, operation="consume-session", status="410") == 1
+    assert value(m, requests, operation="create-api-key", status="200") == 1
+    assert value(m, requests, operation="create-api-key", status="403") == 1
+    latency = "dailyplay_http_request_duration_seconds"
+    assert value(m, f"{latency}_count", operation="create-session") == 6
+    assert value(m, f"{latency}_bucket", operation="create-session", le="+Inf") == 6
+    assert 0 < value(m, f"{latency}_sum", operation="create-session") < 5
+    # Writes: the key, two tokens, one consumption; each group commit is observed.
+    commits = value(m, "dailyplay_db_commit_duration_seconds_count")
+    assert commits >= 1
+    assert value(m, "dailyplay_db_commit_writes_count") == commits
+    assert value(m, "dailyplay_db_commit_writes_sum") >= 4
+    assert value(m, "dailyplay_db_busy_retries_total") == 0
+
+
+def test_expired_and_revoked_tokens_are_rejected_by_their_reason(world: World) -> None:
+    key_row = world.create_key()
+    expiring, revoked = world.token(key_row["key"]), world.token(key_row["key"])
+    sql(
+        world.settings,
+        "UPDATE sessions SET expires_at = 1 WHERE token = ?",
+        (uuid.UUID(expiring).bytes,),
+    )
+    world.client.patch(
+        API,
+        json={"id": key_row["id"], "org_id": world.org_id, "is_active": False},
+        headers=world.bearer(),
+    )
+    for token in (expiring, revoked):
+        gone = world.client.post(f"{API}?action=consume-session", json={"token": token})
+        assert gone.status_code == 410
+    assert world.create_session(key_row["key"]).status_code == 401
+    m = metrics_of(world.client)
+    reason = "dailyplay_sessions_rejected_total"
+    assert value(m, reason, operation="consume-session", reason="expired") == 1
+    assert value(m, reason, operation="consume-session", reason="revoked") == 1
+    assert value(m, "dailyplay_auth_failures_total", kind="api_key_revoked") == 1
+
+
+def test_labels_stay_bounded_whatever_the_caller_sends(client: AppClient) -> None:
+    client.get(f"{API}?action=no-such-thing")
+    client.get(f"{API}?action=%3Cscript%3E")
+    client.get("/some/path/that/does/not/exist")
+    client.request("PUT", API)
+    m = metrics_of(client)
+    operations = {
+        dict(labels)["operation"] for name, labels in m if name == "dailyplay_http_requests_total"
+    }
+    assert operations == {"other"}
+    assert value(m, "dailyplay_http_requests_total", operation="other", status="400") == 2
+    assert value(m, "dailyplay_http_requests_total", operation="other", status="404") == 1
+    assert value(m, "dailyplay_http_requests_total", operation="other", status="405") == 1
+
+
+@pytest.mark.usefixtures("fresh_minute")
+def test_failed_auth_lockouts_and_client_limits_are_counted(make_settings) -> None:
+    settings = make_settings(limits={"failed_auth_per_minute": 2, "public_per_minute": 3})
+    with running_app(settings) as client:
+        for _ in range(3):
+            client.post(
+                f"{API}?action=create-session",
+                json={"game_id": 1},
+                headers={"x-api-key": "dpk_" + "1" * 40},
+            )
+        for _ in range(4):
+            client.get(f"{API}?action=validate-session&token={uuid.uuid4()}")
+        m = metrics_of(client)
+    assert value(m, "dailyplay_auth_failures_total", kind="api_key_invalid") == 2
+    assert value(m, "dailyplay_rate_limited_total", limit="failed_auth") == 1
+    assert value(m, "dailyplay_rate_limited_total", limit="client_ip") == 1
+
+
+def _key_for(settings) -> str:
+    org = add_org(settings)
+    conn = db.connect(settings.database)
+    raw, _row = issue_api_key(conn, org, "metrics", now_ms(), per_minute=10_000, per_day=100_000)
+    conn.close()
+    return raw
+
+
+@pytest.mark.slow
+def test_every_scrape_sums_all_workers_and_the_files_go_with_the_server(
+    settings, tmp_path: Path
+) -> None:
+    key = _key_for(settings)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    created = 60
+    with serve(settings, tmp_path, workers=2, env={"TMPDIR": str(scratch)}) as server:
+        for _ in range(created):
+            # A new connection each time, so that both workers take some.
+            response = httpx.post(
+                f"{server.url}{API}?action=create-session",
+                json={"game_id": 3},
+                headers={"x-api-key": key},
+            )
+            assert response.status_code == 200, response.text
+        (directory,) = scratch.glob("dailyplay-metrics-*")
+        writers = {path.name for path in directory.glob("counter_*.db")}
+        assert len(writers) == 2, writers  # both workers answered some
+        for _ in range(6):
+            m = scrape(httpx.get(f"{server.url}/metrics").text)
+            assert value(m, "dailyplay_sessions_created_total") == created
+            assert (
+                value(m, "dailyplay_http_requests_total", operation="create-session", status="200")
+                == created
+            )
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_metrics_on_a_port_of_their_own(make_settings, tmp_path: Path) -> None:
+    port = free_port()
+    settings = make_settings(metrics={"port": port})
+    with serve(settings, tmp_path) as server:
+        httpx.get(f"{server.url}{API}?action=validate-session&token={uuid.uuid4()}")
+        assert httpx.get(f"{server.url}/metrics").status_code == 404
+        own = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        assert own.status_code == 200
+        m = scrape(own.text)
+        assert (
+            value(m, "dailyplay_http_requests_total", operation="validate-session", status="404")
+            == 1
+        )
+        assert value(m, "dailyplay_http_requests_total", operation="metrics", status="404") == 1
