@@ -10,6 +10,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import AsyncIterator
+from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -215,6 +216,24 @@ def health_routes() -> list[Route]:
     ]
 
 
+SDK_HEADERS = {
+    "Cache-Control": "public, max-age=3600",
+    "X-Content-Type-Options": "nosniff",
+    # Game pages on other origins load it with a plain <script> tag.
+    "Cross-Origin-Resource-Policy": "cross-origin",
+}
+
+
+def sdk_routes() -> list[Route]:
+    """GET /sdk/dailyplay.js: the browser SDK for game pages (shipped in the package)."""
+    script = resources.files("dailyplay").joinpath("sdk/dailyplay.js").read_bytes()
+
+    async def browser_sdk(request: Request) -> Response:
+        return Response(script, media_type="text/javascript", headers=SDK_HEADERS)
+
+    return [Route("/sdk/dailyplay.js", browser_sdk, methods=["GET"])]
+
+
 def metrics_routes(metrics: Metrics) -> list[Route]:
     """GET /metrics: the Prometheus text exposition (of every worker, with several)."""
 
@@ -287,6 +306,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/api/org-api-keys", OrgApiKeysEndpoint()),
         *document_routes(settings),
         *health_routes(),
+        *sdk_routes(),
     ]
     if settings.metrics.enabled and settings.metrics.port == 0:
         routes += metrics_routes(metrics)

@@ -427,16 +427,42 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import prepare_demo
 
     base = _settings(args) if args.config else None
+    game_port = args.game_port if args.game_port is not None else args.port + 1
+    if not 0 <= game_port <= 65535 or game_port == args.port:
+        raise CliError(
+            "--game-port must be 1..65535 and not the API's port (0: no game)", EXIT_USAGE
+        )
     try:
-        settings, info, guide = prepare_demo(Path(args.dir), args.host, args.port, base)
+        settings, info, guide = prepare_demo(
+            Path(args.dir), args.host, args.port, base, game_port or None
+        )
     except config.ConfigError as exc:
         raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
     except (OSError, sqlite3.Error, db.SchemaError) as exc:
         raise CliError(f"cannot prepare the demo in {args.dir}: {exc}") from None
+    if args.no_serve:
+        emit(info)
+        print(guide, file=sys.stderr, flush=True)
+        return
+    game = None
+    if game_port:
+        from .demo import start_game_server
+
+        try:
+            game = start_game_server(args.host, game_port, info["url"], info["api_key"])
+        except OSError as exc:
+            raise CliError(
+                f"cannot serve the demo game on {args.host}:{game_port}: {exc.strerror}; "
+                "pick another port with --game-port (0: no game)"
+            ) from None
     emit(info)
     print(guide, file=sys.stderr, flush=True)
-    if not args.no_serve:
+    try:
         run_server(settings, info["config"], announce=False)
+    finally:
+        if game is not None:
+            game.shutdown()
+            game.server_close()
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -534,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="dailyplay-demo", help="where the demo keeps its files")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8787)
+    demo.add_argument(
+        "--game-port",
+        type=int,
+        help="port of the demo game page, another origin than the API (default: --port + 1; "
+        "0: no game)",
+    )
     demo.add_argument("--no-serve", action="store_true", help="prepare and print, do not serve")
     demo.set_defaults(func=cmd_demo)
     return parser

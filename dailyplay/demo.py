@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import html
+import http.server
 import json
 import os
 import shlex
+import threading
+import urllib.parse
+import urllib.request
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +70,11 @@ def write_config(settings: config.Settings, path: Path) -> None:
 
 
 def prepare_demo(
-    directory: Path, host: str, port: int, base: config.Settings | None = None
+    directory: Path,
+    host: str,
+    port: int,
+    base: config.Settings | None = None,
+    game_port: int | None = None,
 ) -> tuple[config.Settings, dict[str, Any], str]:
     """Create (or reuse) the demo's files and data; returns settings, a JSON summary, a guide."""
     directory = directory.resolve()
@@ -104,6 +114,7 @@ def prepare_demo(
         algorithm="RS256",
     )
     url = f"http://{host}:{port}"
+    game = f"http://{host}:{game_port}" if game_port else None
     env = {"DP_URL": f"{url}/api/org-api-keys", "DP_KEY": raw_key, "DP_JWT": bearer}
     curl = demo_curl_lines(org_id, key_row["id"])
     info = {
@@ -117,7 +128,15 @@ def prepare_demo(
         "bearer_expires_in_hours": TOKEN_HOURS,
         "env": env,
         "curl": curl,
+        "game_url": game,
+        "play_url": f"{game}/new-play" if game else None,
     }
+    play = [
+        "Play the demo game (a page on another origin using /sdk/dailyplay.js); each visit of",
+        "this link hands out a fresh one-time token, as a shop or CRM would:",
+        f"  {game}/new-play",
+        "",
+    ]
     guide = "\n".join(
         [
             "",
@@ -126,6 +145,7 @@ def prepare_demo(
             f"  API key      {raw_key}",
             f"  bearer JWT   {bearer}",
             "",
+            *(play if game else []),
             "Try it (copy and paste into a POSIX shell):",
             *[f"  export {name}={shlex.quote(value)}" for name, value in env.items()],
             "",
@@ -167,3 +187,102 @@ def demo_curl_lines(org_id: int, key_id: int) -> dict[str, str]:
         ),
         "delete_api_key": f'curl -s -X DELETE "$DP_URL?id={key_id}&org_id={org_id}" {auth}',
     }
+
+
+# --- the demo game, served from an origin of its own --------------------------------------------
+
+DEMO_GAME_ID = 42
+GAME_FILES = {
+    "/game.js": ("game.js", "text/javascript; charset=utf-8"),
+    "/game.css": ("game.css", "text/css; charset=utf-8"),
+}
+
+
+class GameServer(http.server.ThreadingHTTPServer):
+    """The demo's game site, on another port (so another origin) than the API, as a real game's
+    site would be: the page loads dailyplay.js from the API and plays a token from its URL.
+    `/new-play` stands in for the shop or CRM that hands out plays: it mints a token with the
+    demo's API key, server side, and sends the browser to the game with it."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, api_url: str, api_key: str):
+        super().__init__((host, port), _GameHandler)
+        self.api_url = api_url
+        self.api_key = api_key
+        files = resources.files("dailyplay").joinpath("demo_game")
+        page = files.joinpath("index.html").read_text(encoding="utf-8")
+        self.page = page.replace("{{API_URL}}", html.escape(api_url, quote=True)).encode()
+        self.files = {
+            path: (files.joinpath(name).read_bytes(), media_type)
+            for path, (name, media_type) in GAME_FILES.items()
+        }
+        self.security_headers = {
+            "Content-Security-Policy": (
+                f"default-src 'none'; script-src 'self' {api_url}; connect-src {api_url}; "
+                "style-src 'self'; base-uri 'none'; form-action 'none'"
+            ),
+            "X-Content-Type-Options": "nosniff",
+            # The page's URL holds the token: never send it along to anyone.
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        }
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def mint_token(self) -> str:
+        """A fresh token from the API, with the demo's key (what a shop's backend does)."""
+        body = json.dumps({"game_id": DEMO_GAME_ID, "external_ref": "demo-player"}).encode()
+        request = urllib.request.Request(  # noqa: S310 - the demo's own http(s) API URL
+            f"{self.api_url}/api/org-api-keys?action=create-session",
+            data=body,
+            headers={"content-type": "application/json", "x-api-key": self.api_key},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return str(json.load(response)["data"]["token"])
+
+
+class _GameHandler(http.server.BaseHTTPRequestHandler):
+    server: GameServer
+
+    def do_GET(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            self._send(200, self.server.page, "text/html; charset=utf-8")
+        elif path in self.server.files:
+            self._send(200, *self.server.files[path])
+        elif path == "/new-play":
+            try:
+                token = self.server.mint_token()
+            except (OSError, ValueError, KeyError) as exc:
+                message = f"the API did not hand out a token: {exc}"
+                self._send(502, message.encode(), "text/plain; charset=utf-8")
+                return
+            self._send(303, b"", "text/plain", {"Location": f"/?token={token}"})
+        else:
+            self._send(404, b"not found", "text/plain; charset=utf-8")
+
+    def _send(
+        self, status: int, body: bytes, media_type: str, extra: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        headers = {**self.server.security_headers, "Content-Type": media_type, **(extra or {})}
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the API's log tells what happened to each token
+
+
+def start_game_server(host: str, port: int, api_url: str, api_key: str) -> GameServer:
+    """Serve the demo game on a daemon thread; stop it with shutdown()."""
+    server = GameServer(host, port, api_url, api_key)
+    threading.Thread(target=server.serve_forever, name="dailyplay-demo-game", daemon=True).start()
+    return server

@@ -339,6 +339,43 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
+@contextlib.contextmanager
+def running_demo(
+    tmp_path: Path, game: bool = True
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """`dailyplay demo` in tmp_path/demo on free ports, serving; yields it and its JSON summary
+    once the API answers. Its guide (stderr) goes to tmp_path/demo.log."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    ports = ["--port", str(free_port()), "--game-port", str(free_port() if game else 0)]
+    with (tmp_path / "demo.log").open("wb") as log:
+        process = subprocess.Popen(
+            [*dailyplay_command(), "demo", "--dir", str(tmp_path / "demo"), *ports],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    try:
+        text = ""
+        info = None
+        assert process.stdout is not None
+        while info is None:
+            line = process.stdout.readline().decode()
+            assert line, "demo exited before printing its summary"
+            text += line
+            try:
+                info = json.loads(text)
+            except ValueError:
+                continue
+        wait_until_serving(Server(process, info["url"], tmp_path / "demo.log"))
+        yield process, info
+    finally:
+        stop(process)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -142,7 +142,9 @@ def test_without_metrics_on_the_api_port_document_and_routes_still_agree(
         assert documented_routes(served) == served_routes(client)
 
 
-@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/healthz", "/readyz", "/metrics"])
+@pytest.mark.parametrize(
+    "path", ["/openapi.json", "/docs", "/healthz", "/readyz", "/metrics", "/sdk/dailyplay.js"]
+)
 def test_document_routes_refuse_other_methods_in_the_error_shape(
     client: AppClient, path: str
 ) -> None:

@@ -23,11 +23,9 @@ from conftest import (
     SigningKey,
     add_org,
     claims_for,
-    dailyplay_command,
-    free_port,
+    running_demo,
     serve,
     sql,
-    stop,
 )
 
 from dailyplay import db
@@ -171,37 +169,8 @@ def test_each_token_is_consumed_exactly_once_across_processes(
 def test_demo_starts_on_a_fresh_directory_and_its_curl_lines_work(tmp_path) -> None:
     if shutil.which("curl") is None:
         pytest.fail("curl is needed for the demo's copy-paste lines (.ci/run installs it)")
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
-    with (tmp_path / "demo.log").open("wb") as log:
-        process = subprocess.Popen(
-            [*dailyplay_command(), "demo", "--dir", str(tmp_path / "demo"), "--port", str(port)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-    try:
-        text = ""
-        info = None
-        assert process.stdout is not None
-        while info is None:
-            line = process.stdout.readline().decode()
-            assert line, "demo exited before printing its summary"
-            text += line
-            try:
-                info = json.loads(text)
-            except ValueError:
-                continue
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{info['url']}{API}?action=validate-session", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "demo server did not start"
-                time.sleep(0.1)
+    with running_demo(tmp_path) as (process, info):
         outputs = {}
         script = "set -e\n" + "\n".join(
             f"echo '=== {name}'\n{line}\necho" for name, line in info["curl"].items()
@@ -227,10 +196,6 @@ def test_demo_starts_on_a_fresh_directory_and_its_curl_lines_work(tmp_path) -> N
                 assert len(output.strip()) == 36
                 continue
             assert json.loads(output)["success"] is True, (name, output)
-    finally:
-        stop(process)  # type: ignore[arg-type]
-        assert process.stdout is not None
-        process.stdout.close()
     assert process.returncode in (0, -15)
     guide = (tmp_path / "demo.log").read_text()
     assert "export DP_KEY=" in guide and "dailyplay serve --config" in guide
@@ -258,7 +223,16 @@ def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> Non
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(dist.glob("dailyplay-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"dailyplay/schema.sql", "dailyplay/config.toml", "dailyplay/openapi.json"} <= set(names)
+    shipped = {
+        "dailyplay/schema.sql",
+        "dailyplay/config.toml",
+        "dailyplay/openapi.json",
+        "dailyplay/sdk/dailyplay.js",
+        "dailyplay/demo_game/index.html",
+        "dailyplay/demo_game/game.js",
+        "dailyplay/demo_game/game.css",
+    }
+    assert shipped <= set(names)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
