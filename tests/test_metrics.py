@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API, AppClient, World, add_org, free_port, running_app, serve, sql
+from conftest import (
+    API,
+    AppClient,
+    World,
+    add_org,
+    free_port,
+    run_cli,
+    running_app,
+    serve,
+    sql,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from dailyplay import db
@@ -212,3 +224,16 @@ def test_metrics_on_a_port_of_their_own(make_settings, tmp_path: Path) -> None:
             == 1
         )
         assert value(m, "dailyplay_http_requests_total", operation="metrics", status="404") == 1
+
+
+@pytest.mark.slow
+def test_a_taken_metrics_port_stops_serve_with_a_clear_error(make_settings, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = make_settings(metrics={"port": port}).replace("server", port=free_port())
+        result = run_cli("serve", "--config", str(write_config(settings, tmp_path / "c.toml")))
+    assert result.returncode == 1
+    assert f"cannot listen for metrics on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -104,6 +104,17 @@ def test_every_operation_is_documented_with_its_errors() -> None:
         assert "security" in operation, (path, method)
 
 
+def test_every_operation_takes_and_every_answer_declares_x_request_id() -> None:
+    doc = shipped_document()
+    shared = doc["components"]["responses"]
+    for (path, method), operation in operations(doc).items():
+        assert {"$ref": "#/components/parameters/X-Request-ID"} in operation["parameters"]
+        for status, response in operation["responses"].items():
+            if "$ref" in response:
+                response = shared[response["$ref"].rsplit("/", 1)[1]]
+            assert "X-Request-ID" in response["headers"], (path, method, status)
+
+
 def documented_routes(doc: dict[str, Any]) -> set[tuple[str, str | None, str]]:
     """(path, action, METHOD) for every operation in the document."""
     routes = set()
