@@ -46,10 +46,22 @@ def note(scope: Scope, **fields: Any) -> None:
     scope.setdefault("state", {}).setdefault("log", {}).update(fields)
 
 
+_ACTION = re.compile(r"[a-z-]{1,40}")
+
+
 def _operation(query_string: bytes) -> str | None:
-    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        if name == "action":
-            return value if re.fullmatch(r"[a-z-]{1,40}", value) else "(invalid)"
+    """The query's first `action` as the API reads it, "(invalid)" if it is no action name."""
+    if b"%" in query_string or b"+" in query_string:  # encoded: decode as Starlette does
+        for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+            if name == "action":
+                return value if _ACTION.fullmatch(value) else "(invalid)"
+        return None
+    # The usual case, without parse_qsl's few microseconds per request.
+    for part in query_string.split(b"&"):
+        name, _, raw = part.partition(b"=")
+        if name == b"action":
+            value = raw.decode("latin-1")
+            return value if _ACTION.fullmatch(value) else "(invalid)"
     return None
 
 

@@ -6,11 +6,12 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from urllib.parse import parse_qsl
 
 import pytest
 from conftest import API, World, assert_error, run_cli
 
-from dailyplay.logs import JsonFormatter, TextFormatter
+from dailyplay.logs import JsonFormatter, TextFormatter, _operation
 
 
 class Lines(logging.Handler):
@@ -122,3 +123,30 @@ def test_serve_rejects_an_unknown_log_format(tmp_path) -> None:
     assert result.returncode == 2 and "--log-format" in result.stderr
     bad = run_cli("init-db", env={"DAILYPLAY_SERVER_LOG_FORMAT": "xml"}, cwd=tmp_path)
     assert bad.returncode == 2 and "server.log_format must be json or text" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"",
+        b"action=validate-session&token=0b5c1234-1234-4234-8234-123456789012",
+        b"org_id=1",
+        b"token=1&action=consume-session&action=x",
+        b"action",
+        b"action=&x=1",
+        b"x=1&action=Bad",
+        b"action=a%62c",
+        b"act%69on=create-session",
+        b"action=create+session",
+        b"action=" + b"a" * 41,
+        b"&&action=audit-log&",
+    ],
+)
+def test_the_logged_operation_is_the_action_the_api_reads(query: bytes) -> None:
+    actions = [
+        v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == "action"
+    ]
+    expected = None
+    if actions:
+        expected = actions[0] if re.fullmatch(r"[a-z-]{1,40}", actions[0]) else "(invalid)"
+    assert _operation(query) == expected
