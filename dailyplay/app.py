@@ -7,7 +7,6 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import re
 import sqlite3
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -122,26 +121,6 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
-
-
-class RedactSecretsFilter(logging.Filter):
-    """Removes session tokens and key-like secrets from uvicorn's access-log lines."""
-
-    _token = re.compile(r"((?:^|[?&])token=)[^&\s\"]*", re.IGNORECASE)
-    _key = re.compile(r"dpk_[0-9a-fA-F]{4}[0-9a-fA-F]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                self._redact(arg) if isinstance(arg, str) else arg for arg in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = self._redact(record.msg)
-        return True
-
-    def _redact(self, text: str) -> str:
-        text = self._token.sub(r"\1[redacted]", text)
-        return self._key.sub(lambda m: m.group(0)[:8] + "[redacted]", text)
 
 
 class OrgApiKeysEndpoint:

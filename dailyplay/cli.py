@@ -263,7 +263,7 @@ def uvicorn_log_config(level: str, log_format: str = "json") -> dict[str, Any]:
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["formatters"] = {"chosen": {"()": f"dailyplay.logs.{log_format.title()}Formatter"}}
     log_config.setdefault("filters", {})["redact_secrets"] = {
-        "()": "dailyplay.app.RedactSecretsFilter"
+        "()": "dailyplay.logs.RedactSecretsFilter"
     }
     for handler in log_config["handlers"].values():
         handler["formatter"] = "chosen"

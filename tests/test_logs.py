@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 import pytest
 from conftest import API, World, assert_error, run_cli
 
-from dailyplay.logs import JsonFormatter, TextFormatter, _operation
+from dailyplay.logs import JsonFormatter, RedactSecretsFilter, TextFormatter, _operation
 
 
 class Lines(logging.Handler):
@@ -150,3 +150,33 @@ def test_the_logged_operation_is_the_action_the_api_reads(query: bytes) -> None:
     if actions:
         expected = actions[0] if re.fullmatch(r"[a-z-]{1,40}", actions[0]) else "(invalid)"
     assert _operation(query) == expected
+
+
+def test_secrets_sent_in_the_path_or_request_id_stay_out_of_the_line(
+    world: World, json_lines: Lines
+) -> None:
+    key = world.create_key()["key"]
+    token = world.token(key)
+    world.client.get(f"/{key}")
+    world.client.get(f"/sessions/{token}/x&token={token}")
+    world.client.get(f"{API}?action=validate-session&token={token}", headers={"x-request-id": key})
+    kept = "550e8400-e29b-41d4-a716-446655440000"
+    world.client.get(f"{API}?action=validate-session&token={token}", headers={"x-request-id": kept})
+    lines = [json.loads(line) for line in json_lines.lines[-4:]]
+    assert [line["path"] for line in lines[:2]] == [
+        f"/{key[:8]}[redacted]",
+        "/sessions/[redacted]/x&token=[redacted]",
+    ]
+    assert lines[2]["request_id"] == f"{key[:8]}[redacted]"
+    assert lines[3]["request_id"] == kept  # a UUID request id is the caller's, not a secret
+    text = "\n".join(json_lines.lines)
+    assert key[8:] not in text and token not in text
+
+
+def test_other_loggers_lines_are_redacted_by_the_filter() -> None:
+    record = logging.LogRecord(
+        "uvicorn.error", logging.WARNING, __file__, 1, "bad request %s",
+        ("GET /api?token=0b5c1234-1234-4234-8234-123456789012&k=dpk_" + "a" * 40,), None,
+    )  # fmt: skip
+    assert RedactSecretsFilter().filter(record)
+    assert record.getMessage() == "bad request GET /api?token=[redacted]&k=dpk_aaaa[redacted]"
