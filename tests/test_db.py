@@ -137,3 +137,35 @@ def test_a_locked_database_fails_every_write_of_the_group_and_stores_nothing(
         blocker.close()
     assert all(isinstance(o, sqlite3.OperationalError) and "locked" in str(o) for o in outcomes)
     assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
+
+
+def test_commits_leave_checkpoints_to_the_checkpointer_which_copies_them_soon(
+    settings: config.Settings, org: int, tmp_path
+) -> None:
+    """The writer's COMMITs never run a checkpoint (wal_autocheckpoint is off on it); the
+    checkpointer thread copies committed pages into the database file within moments, so the
+    main file alone (no -wal) holds the rows while the server still runs."""
+    tokens = [uuid.uuid4().bytes for _ in range(50)]
+
+    async def scenario(database: db.Database, commits: list[str]) -> tuple[int, int]:
+        autocheckpoint = await database.run_on_writer(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        )
+        await asyncio.gather(
+            *(database.insert_session(session_values(org, token)) for token in tokens)
+        )
+        found = 0
+        for _ in range(40):  # up to 4 s; the checkpointer runs every 0.25 s
+            await asyncio.sleep(0.1)
+            copy = tmp_path / "main-file-only.db"
+            copy.write_bytes((tmp_path / "dailyplay.db").read_bytes())
+            with sqlite3.connect(copy) as conn:
+                found = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+            copy.unlink()
+            if found == len(tokens):
+                break
+        return autocheckpoint, found
+
+    autocheckpoint, found = run(settings, scenario)
+    assert autocheckpoint == 0
+    assert found == len(tokens)
