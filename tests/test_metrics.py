@@ -36,6 +36,15 @@ def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+def series(samples: dict, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """{label values: value} of every series of one metric."""
+    return {
+        tuple(dict(sample_labels)[label] for label in labels): sample_value
+        for (sample_name, sample_labels), sample_value in samples.items()
+        if sample_name == name
+    }
+
+
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
@@ -82,26 +91,34 @@ def test_sessions_rejections_auth_failures_and_rate_limits_are_counted(world: Wo
     assert value(m, "dailyplay_sessions_created_total") == 2
     assert value(m, "dailyplay_sessions_validated_total") == 1
     assert value(m, "dailyplay_sessions_consumed_total") == 1
-    rejected = "dailyplay_sessions_rejected_total"
-    assert value(m, rejected, operation="create-session", reason="not_allowed") == 1
-    assert value(m, rejected, operation="consume-session", reason="consumed") == 1
-    assert value(m, rejected, operation="validate-session", reason="consumed") == 1
-    assert value(m, rejected, operation="validate-session", reason="not_found") == 1
-    assert value(m, rejected, operation="consume-session", reason="not_found") == 1
-    failures = "dailyplay_auth_failures_total"
-    assert value(m, failures, kind="api_key_missing") == 1
-    assert value(m, failures, kind="api_key_invalid") == 1
-    assert value(m, failures, kind="bearer_missing") == 1
-    assert value(m, failures, kind="not_admin") == 1
-    assert value(m, "dailyplay_rate_limited_total", limit="key_per_minute") == 1
-
-    requests = "dailyplay_http_requests_total"
-    assert value(m, requests, operation="create-session", status="200") == 2
-    assert value(m, requests, operation="create-session", status="429") == 1
-    assert value(m, requests, operation="create-session", status="401") == 2
-    assert value(m, requests, operation="consume-session", status="410") == 1
-    assert value(m, requests, operation="create-api-key", status="200") == 1
-    assert value(m, requests, operation="create-api-key", status="403") == 1
+    assert series(m, "dailyplay_sessions_rejected_total", "operation", "reason") == {
+        ("create-session", "not_allowed"): 1,
+        ("consume-session", "consumed"): 1,
+        ("validate-session", "consumed"): 1,
+        ("validate-session", "not_found"): 1,
+        ("consume-session", "not_found"): 1,
+    }
+    assert series(m, "dailyplay_auth_failures_total", "kind") == {
+        ("api_key_missing",): 1,
+        ("api_key_invalid",): 1,
+        ("bearer_missing",): 1,
+        ("not_admin",): 1,
+    }
+    assert series(m, "dailyplay_rate_limited_total", "limit") == {("key_per_minute",): 1}
+    assert series(m, "dailyplay_http_requests_total", "operation", "status") == {
+        ("create-api-key", "200"): 1,
+        ("create-api-key", "403"): 1,
+        ("create-session", "200"): 2,
+        ("create-session", "403"): 1,
+        ("create-session", "429"): 1,
+        ("create-session", "401"): 2,
+        ("validate-session", "200"): 2,
+        ("validate-session", "404"): 1,
+        ("consume-session", "200"): 1,
+        ("consume-session", "410"): 1,
+        ("consume-session", "404"): 1,
+        ("list-api-keys", "401"): 1,
+    }
     latency = "dailyplay_http_request_duration_seconds"
     assert value(m, f"{latency}_count", operation="create-session") == 6
     assert value(m, f"{latency}_bucket", operation="create-session", le="+Inf") == 6
