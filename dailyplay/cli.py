@@ -389,6 +389,15 @@ def serve_with_uvicorn(
     if workers == 1:
         uvicorn.Server(uvicorn_config).run()
         return
+    from .workers import SpreadMultiprocess, reuse_port_supported, worker_sockets
+
+    if reuse_port_supported():
+        try:
+            sockets = worker_sockets(host, port, workers)
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        SpreadMultiprocess(uvicorn_config, sockets).run()
+        return
     Multiprocess(uvicorn_config, sockets=[tcp_socket(uvicorn_config.bind_socket())]).run()
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client as http_client
+import json
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from conftest import (
     sql,
     write_config,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from dailyplay import db
@@ -197,31 +201,66 @@ def _key_for(settings) -> str:
 
 
 @pytest.mark.slow
+def creates_per_worker(directory: Path) -> dict[str, float]:
+    """create-session 200s counted by each worker, from its own metric file."""
+    counts = {}
+    for path in directory.glob("counter_*.db"):
+        samples = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for metric in MultiProcessCollector.merge([str(path)])
+            for sample in metric.samples
+        }
+        counts[path.stem] = value(
+            samples, "dailyplay_http_requests_total", operation="create-session", status="200"
+        )
+    return counts
+
+
 def test_every_scrape_sums_all_workers_and_the_files_go_with_the_server(
     settings, tmp_path: Path
 ) -> None:
+    """Connections opened together are spread over both workers (each has a listening socket
+    of its own), and a scrape answered by either worker counts every request."""
     key = _key_for(settings)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    created = 60
+    connections, each = 16, 5
     with serve(settings, tmp_path, workers=2, env={"TMPDIR": str(scratch)}) as server:
-        for _ in range(created):
-            # A new connection each time, so that both workers take some.
-            response = httpx.post(
-                f"{server.url}{API}?action=create-session",
-                json={"game_id": 3},
-                headers={"x-api-key": key},
-            )
-            assert response.status_code == 200, response.text
+        # Opened back to back before any request, as a connection pool or wrk opens them.
+        host, port = server.url.removeprefix("http://").split(":")
+        sockets = [socket.create_connection((host, int(port))) for _ in range(connections)]
+        statuses = []
+        for _ in range(each):
+            for sock in sockets:
+                http = http_client.HTTPConnection(host, int(port))
+                http.sock = sock
+                body = json.dumps({"game_id": 3})
+                http.request(
+                    "POST",
+                    f"{API}?action=create-session",
+                    body,
+                    {"x-api-key": key, "content-type": "application/json"},
+                )
+                response = http.getresponse()
+                response.read()
+                statuses.append(response.status)
+        for sock in sockets:
+            sock.close()
+        assert statuses == [200] * connections * each
         (directory,) = scratch.glob("dailyplay-metrics-*")
-        writers = {path.name for path in directory.glob("counter_*.db")}
-        assert len(writers) == 2, writers  # both workers answered some
+        # A request is counted just after its answer is sent: give the last ones a moment.
+        deadline = time.monotonic() + 5
+        while sum((per_worker := creates_per_worker(directory)).values()) < connections * each:
+            assert time.monotonic() < deadline, per_worker
+            time.sleep(0.05)
+        assert len(per_worker) == 2 and all(count > 0 for count in per_worker.values()), per_worker
+        assert sum(per_worker.values()) == connections * each
         for _ in range(6):
             m = scrape(httpx.get(f"{server.url}/metrics").text)
-            assert value(m, "dailyplay_sessions_created_total") == created
+            assert value(m, "dailyplay_sessions_created_total") == connections * each
             assert (
                 value(m, "dailyplay_http_requests_total", operation="create-session", status="200")
-                == created
+                == connections * each
             )
     assert list(scratch.iterdir()) == []
 

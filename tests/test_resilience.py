@@ -437,3 +437,40 @@ def test_hostile_requests_on_the_wire_get_a_4xx_and_store_nothing(
             for conn in slow:
                 conn.close()
         assert server.process.poll() is None
+
+
+def _workers(parent: int) -> set[int]:
+    """The uvicorn worker processes of a `dailyplay serve` parent (not multiprocessing's
+    resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return {
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    }
+
+
+def test_a_killed_worker_is_replaced_on_its_own_listening_socket(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """Each worker has a listening socket of its own: when one dies its replacement must take
+    that socket over, or the connections the kernel hands to it would never be answered."""
+    with serve(settings, tmp_path, workers=2) as server:
+        before = _workers(server.process.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            current = _workers(server.process.pid)
+            if len(current) == 2 and victim not in current:
+                break
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.1)
+        # Many new connections, spread by the kernel over both sockets: all must be answered.
+        host, port = server.url.removeprefix("http://").split(":")
+        for _ in range(40):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
