@@ -593,6 +593,27 @@ class _Base:
             headers["authorization"] = f"Bearer {token}"
         return headers
 
+    def _settle(
+        self,
+        call: _Call[T],
+        outcome: httpx.Response | httpx.TransportError,
+        attempt: int,
+        request_id: str,
+    ) -> tuple[bool, Any]:
+        """After one attempt: (True, result) when done, (False, seconds) to wait and send again;
+        raises the call's exception when it should not be repeated."""
+        if isinstance(outcome, httpx.TransportError):
+            delay = _delay_after_failure(call, outcome, attempt, self.retries, self.backoff)
+            if delay is None:
+                raise _transport_error(outcome, request_id) from outcome
+            return False, delay
+        if outcome.is_success:
+            return True, _data(outcome, call, request_id)
+        delay = _delay_after_status(call, outcome, attempt, self.retries, self.backoff)
+        if delay is None:
+            raise _error(outcome, call, request_id)
+        return False, delay
+
     def _request(self, call: _Call[Any], request_id: str) -> dict[str, Any]:
         return {
             "method": call.method,
@@ -650,19 +671,16 @@ class DailyPlayClient(_Base):
         attempt = 0
         while True:
             try:
-                response = self._http.request(**self._request(call, request_id))
+                outcome: httpx.Response | httpx.TransportError = self._http.request(
+                    **self._request(call, request_id)
+                )
             except httpx.TransportError as exc:
-                delay = _delay_after_failure(call, exc, attempt, self.retries, self.backoff)
-                if delay is None:
-                    raise _transport_error(exc, request_id) from exc
-            else:
-                if response.is_success:
-                    return _data(response, call, request_id)
-                delay = _delay_after_status(call, response, attempt, self.retries, self.backoff)
-                if delay is None:
-                    raise _error(response, call, request_id)
+                outcome = exc
+            done, value = self._settle(call, outcome, attempt, request_id)
+            if done:
+                return value
             attempt += 1
-            time.sleep(delay)
+            time.sleep(value)
 
     def create_session(
         self,
@@ -749,19 +767,16 @@ class AsyncDailyPlayClient(_Base):
         attempt = 0
         while True:
             try:
-                response = await self._http.request(**self._request(call, request_id))
+                outcome: httpx.Response | httpx.TransportError = await self._http.request(
+                    **self._request(call, request_id)
+                )
             except httpx.TransportError as exc:
-                delay = _delay_after_failure(call, exc, attempt, self.retries, self.backoff)
-                if delay is None:
-                    raise _transport_error(exc, request_id) from exc
-            else:
-                if response.is_success:
-                    return _data(response, call, request_id)
-                delay = _delay_after_status(call, response, attempt, self.retries, self.backoff)
-                if delay is None:
-                    raise _error(response, call, request_id)
+                outcome = exc
+            done, value = self._settle(call, outcome, attempt, request_id)
+            if done:
+                return value
             attempt += 1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(value)
 
     async def create_session(
         self,
