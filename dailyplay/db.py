@@ -118,15 +118,24 @@ def migrate(conn: sqlite3.Connection) -> int:
             raise
 
 
+def _open(
+    settings: DatabaseSettings, read_only: bool = False, busy_timeout_ms: int | None = None
+) -> sqlite3.Connection:
+    """A connection to settings.path: autocommit, rows by name, the service's PRAGMAs."""
+    busy_timeout_ms = settings.busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+    conn = sqlite3.connect(settings.path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+    conn.row_factory = sqlite3.Row
+    for pragma in _connection_pragmas(settings, read_only, busy_timeout_ms):
+        conn.execute(pragma)
+    return conn
+
+
 def connect(settings: DatabaseSettings, *, migrate_schema: bool = True) -> sqlite3.Connection:
     """A synchronous connection (autocommit; use `transaction`) with the schema current."""
     path = Path(settings.path)
     if path.parent and not path.parent.exists():
         raise SchemaError(f"database directory does not exist: {path.parent}")
-    conn = sqlite3.connect(path, isolation_level=None, timeout=settings.busy_timeout_ms / 1000)
-    conn.row_factory = sqlite3.Row
-    for pragma in _connection_pragmas(settings, read_only=False):
-        conn.execute(pragma)
+    conn = _open(settings)
     if migrate_schema:
         migrate(conn)
     return conn
@@ -292,7 +301,6 @@ class Checkpointer:
         self._stop = threading.Event()
         self._commits = 0  # bumped by the writer after each commit
         self._thread = threading.Thread(target=self._run, name="dailyplay-checkpoint", daemon=True)
-        self.last: tuple[int, int, int] | None = None  # (busy, WAL frames, copied frames)
 
     def start(self) -> None:
         self._thread.start()
@@ -305,9 +313,7 @@ class Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self._settings.path, isolation_level=None, timeout=1.0)
-        for pragma in _connection_pragmas(self._settings, read_only=False, busy_timeout_ms=1000):
-            conn.execute(pragma)
+        conn = _open(self._settings, busy_timeout_ms=1000)
         seen = 0
         try:
             while not self._stop.wait(CHECKPOINT_INTERVAL_SECONDS):
@@ -315,11 +321,13 @@ class Checkpointer:
                     continue
                 seen = self._commits
                 try:
-                    self.last = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    # (busy, frames in the WAL, frames copied into the database file)
+                    _busy, frames, copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)"
+                    ).fetchone()
                 except sqlite3.Error as exc:
                     log.warning("WAL checkpoint failed; will retry: %s", exc)
                     continue
-                _busy, frames, copied = self.last
                 if frames - copied > WAL_WARN_FRAMES:
                     log.warning(
                         "the WAL holds %d pages not yet copied into the database file "
@@ -364,13 +372,7 @@ class Database:
         await self._on_writer_thread(self._writer.execute, "PRAGMA wal_autocheckpoint = 0")
         self._checkpointer = Checkpointer(self.settings)
         self._checkpointer.start()
-        reader = sqlite3.connect(
-            self.settings.path, isolation_level=None, timeout=READER_BUSY_TIMEOUT_MS / 1000
-        )
-        reader.row_factory = sqlite3.Row
-        for pragma in _connection_pragmas(self.settings, True, READER_BUSY_TIMEOUT_MS):
-            reader.execute(pragma)
-        self._reader = reader
+        self._reader = _open(self.settings, read_only=True, busy_timeout_ms=READER_BUSY_TIMEOUT_MS)
         self._writer_lock = WriterLock(self.settings.path)
 
     async def close(self) -> None:
