@@ -68,7 +68,7 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     # Another process held the write lock past database.busy_timeout_ms: the client may retry.
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
         log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
-        request.app.state.metrics.busy_errors.inc()
+        request.app.state.services.metrics.busy_errors.inc()
         return error_response(
             503, "the database is busy; try again shortly", headers={"Retry-After": "1"}
         )
@@ -301,7 +301,6 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False
-    app.state.metrics = metrics
     return app
 
 

@@ -369,7 +369,8 @@ def metrics_url(settings: config.Settings) -> str | None:
 def serve_with_uvicorn(
     app: str, *, host: str, port: int, workers: int, log_level: str, log_format: str = "json"
 ) -> None:
-    """Serve an app factory with uvicorn: several workers share one listening socket."""
+    """Serve an app factory with uvicorn: several workers each listen on a socket of their own
+    (SO_REUSEPORT, dailyplay.workers), or share one where the platform lacks it."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 

@@ -134,7 +134,7 @@ def prepare_demo(
     play = [
         "Play the demo game (a page on another origin using /sdk/dailyplay.js); each visit of",
         "this link hands out a fresh one-time token, as a shop or CRM would:",
-        f"  {game}/new-play",
+        f"  {info['play_url']}",
         "",
     ]
     guide = "\n".join(

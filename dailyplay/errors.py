@@ -20,5 +20,6 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
-        # What went wrong, for metrics (metrics.ERROR_KINDS); never shown to the client.
+        # What went wrong, for the metrics (one of metrics.AUTH_FAILURES, RATE_LIMITS or
+        # SESSION_REJECTIONS); never shown to the client.
         self.kind = kind

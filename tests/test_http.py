@@ -247,6 +247,7 @@ def test_a_database_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stored(
             response = world.create_session(key)
             assert_error(response, 503, "busy")
             assert response.headers["retry-after"] == "1"
+            assert "\ndailyplay_db_busy_errors_total 1.0\n" in client.get("/metrics").text
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
