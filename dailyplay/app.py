@@ -233,10 +233,12 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     jwt_verifier = JwtVerifier(settings.auth)  # fails fast on a bad key file
     trusted = [ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies]
     metrics = Metrics()
+    # With metrics off nothing reads them: skip the per-request and per-commit observations.
+    observed = metrics if settings.metrics.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        db = Database(settings.database, metrics.observe_commit)
+        db = Database(settings.database, observed.observe_commit if observed else None)
         await db.open()
         key_limiter = KeyRateLimiter(db)
         app.state.services = Services(
@@ -267,7 +269,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         return client_ip(Request(scope), trusted)
 
     middleware = [
-        Middleware(RequestLogMiddleware, client_ip=logged_client_ip, metrics=metrics),
+        Middleware(RequestLogMiddleware, client_ip=logged_client_ip, metrics=observed),
         Middleware(ConcurrencyLimit, limit=settings.server.max_concurrent_requests),
     ]
     if settings.cors.allow_origins:

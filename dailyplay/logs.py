@@ -144,14 +144,16 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            seconds = time.perf_counter() - started
-            operation = _operation(scope.get("query_string", b""))
-            if self.metrics is not None:
-                self.metrics.observe_request(
-                    scope["method"], scope["path"], operation, status, seconds
-                )
-            if access_log.isEnabledFor(logging.INFO):
-                self._log(scope, status, operation, seconds)
+            logged = access_log.isEnabledFor(logging.INFO)
+            if logged or self.metrics is not None:
+                seconds = time.perf_counter() - started
+                operation = _operation(scope.get("query_string", b""))
+                if self.metrics is not None:
+                    self.metrics.observe_request(
+                        scope["method"], scope["path"], operation, status, seconds
+                    )
+                if logged:
+                    self._log(scope, status, operation, seconds)
 
     def _log(self, scope: Scope, status: int, operation: str | None, seconds: float) -> None:
         fields: dict[str, Any] = {
