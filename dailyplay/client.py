@@ -563,14 +563,21 @@ Bearer = str | Callable[[], str] | None
 
 
 class _Base:
+    """`api_key` for sessions, `bearer_token` (a Clerk session JWT, or a function returning a
+    fresh one) for key management."""
+
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+
     def __init__(
         self,
         base_url: str,
         *,
-        api_key: str | None,
-        bearer_token: Bearer,
-        retries: int,
-        backoff: float,
+        api_key: str | None = None,
+        bearer_token: Bearer = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = 0.2,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ):
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -579,6 +586,12 @@ class _Base:
         self.bearer_token = bearer_token
         self.retries = retries
         self.backoff = backoff
+        self._http: Any = self._http_class(
+            base_url=self.base_url,
+            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            transport=transport,
+            headers={"user-agent": USER_AGENT},
+        )
 
     def _headers(self, call: _Call[Any], request_id: str) -> dict[str, str]:
         headers = {"x-request-id": request_id}
@@ -624,38 +637,14 @@ class _Base:
         }
 
 
-def _timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
-    return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-
-
 def _new_request_id() -> str:
     return os.urandom(16).hex()
 
 
 class DailyPlayClient(_Base):
-    """Blocking client. `api_key` for sessions, `bearer_token` (a Clerk session JWT, or a function
-    returning a fresh one) for key management; use as a context manager or call close()."""
+    """Blocking client (see _Base for its arguments); use as a context manager or call close()."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        bearer_token: Bearer = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int = DEFAULT_RETRIES,
-        backoff: float = 0.2,
-        transport: httpx.BaseTransport | None = None,
-    ):
-        super().__init__(
-            base_url, api_key=api_key, bearer_token=bearer_token, retries=retries, backoff=backoff
-        )
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            timeout=_timeout(timeout),
-            transport=transport,
-            headers={"user-agent": USER_AGENT},
-        )
+    _http_class = httpx.Client
 
     def __enter__(self) -> DailyPlayClient:
         return self
@@ -732,26 +721,7 @@ class DailyPlayClient(_Base):
 class AsyncDailyPlayClient(_Base):
     """The same client for asyncio: every method is a coroutine."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        bearer_token: Bearer = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int = DEFAULT_RETRIES,
-        backoff: float = 0.2,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
-        super().__init__(
-            base_url, api_key=api_key, bearer_token=bearer_token, retries=retries, backoff=backoff
-        )
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=_timeout(timeout),
-            transport=transport,
-            headers={"user-agent": USER_AGENT},
-        )
+    _http_class = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncDailyPlayClient:
         return self
