@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
@@ -30,6 +30,7 @@ from .ratelimit import (
     WindowState,
     rate_limit_headers,
 )
+from .responses import JsonResponse, raw_json
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -69,8 +70,8 @@ async def read_body(services: Services, request: Request) -> dict[str, Any]:
     )
 
 
-def ok(data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"success": True, "data": data}, headers=headers)
+def ok(data: Any, headers: dict[str, str] | None = None) -> JsonResponse:
+    return JsonResponse({"success": True, "data": data}, headers=headers)
 
 
 # --- who is calling -----------------------------------------------------------------------------
@@ -265,7 +266,8 @@ def _session_status(row: sqlite3.Row, now: int) -> str:
 
 
 def _metadata(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    """Stored metadata (compact JSON written by inputs.metadata_json), as it was stored."""
+    return None if text is None else raw_json(text)
 
 
 async def validate_session(
@@ -574,9 +576,10 @@ def operation_name(method: str, action: str | None) -> str:
     return action if action in OPERATIONS else "other"
 
 
-def select_operation(request: Request) -> Operation:
-    """The operation for this method and action: 400 for an unknown action, 405 for a method."""
-    actions = request.query_params.getlist("action")
+def select_operation(method: str, items: list[tuple[str, str]]) -> Operation:
+    """The operation for this method and the query's action: 400 for an unknown action, 405
+    for a method."""
+    actions = [value for name, value in items if name == "action"]
     if len(actions) > 1:
         raise ApiError(400, "query parameter 'action' is given more than once")
     action = actions[0] if actions else None
@@ -587,12 +590,12 @@ def select_operation(request: Request) -> Operation:
             + ", ".join(ACTIONS),
         )
     by_method = OPERATIONS[action]
-    operation = by_method.get(request.method)
+    operation = by_method.get(method)
     if operation is None:
         what = f"action '{action}'" if action else "/api/org-api-keys without an action"
         raise ApiError(
             405,
-            f"method {request.method} is not allowed for {what}; use " + ", ".join(by_method),
+            f"method {method} is not allowed for {what}; use " + ", ".join(by_method),
             headers={"Allow": ", ".join(by_method)},
         )
     return operation
@@ -601,18 +604,21 @@ def select_operation(request: Request) -> Operation:
 async def handle_org_api_keys(request: Request) -> Response:
     """The one public route: pick the operation, check the query, run it."""
     services: Services = request.app.state.services
+    items = inputs.query_items(request.scope["query_string"])
     try:
-        return await _run_operation(services, request)
+        return await _run_operation(services, request, items)
     except ApiError as exc:
         if exc.kind is not None:
-            action = request.query_params.get("action")
+            action = next((value for name, value in items if name == "action"), None)
             services.metrics.observe_error(operation_name(request.method, action), exc.kind)
         raise
 
 
-async def _run_operation(services: Services, request: Request) -> Response:
-    operation = select_operation(request)
-    params = inputs.query_params(request, operation.query)
+async def _run_operation(
+    services: Services, request: Request, items: list[tuple[str, str]]
+) -> Response:
+    operation = select_operation(request.method, items)
+    params = inputs.query_params(items, operation.query)
     # Only requests that present a credential are counted and locked out: one without any
     # cannot guess a secret, and keeps getting the 401 that says what is missing.
     if operation.credential is None or operation.credential not in request.headers:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -33,6 +33,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
+from .responses import JsonResponse
 from .retention import run_retention
 
 log = logging.getLogger("dailyplay")
@@ -47,9 +48,9 @@ RATE_LIMIT_HEADERS = [
 
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
+) -> JsonResponse:
     """The JSON error envelope used for every non-2xx answer."""
-    return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
+    return JsonResponse({"success": False, "error": message}, status_code=status, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -142,7 +143,7 @@ DOCS_HEADERS = {
 def document_routes(settings: config.Settings) -> list[Route]:
     """GET /openapi.json and GET /docs, both rendered once from the shipped document."""
     doc = document_for(settings)
-    document = JSONResponse(doc).body
+    document = JsonResponse(doc).body
     page = render_reference(doc)
 
     async def openapi_document(request: Request) -> Response:
@@ -166,7 +167,7 @@ def health_routes() -> list[Route]:
     and has this program's schema)."""
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"success": True, "data": {"status": "ok"}})
+        return JsonResponse({"success": True, "data": {"status": "ok"}})
 
     async def readyz(request: Request) -> Response:
         db: Database = request.app.state.services.db
@@ -185,7 +186,7 @@ def health_routes() -> list[Route]:
             return _not_ready(f"a database write took longer than {READY_TIMEOUT_SECONDS:g} s")
         except sqlite3.Error as exc:
             return _not_ready(f"database cannot be written: {exc}")
-        return JSONResponse(
+        return JsonResponse(
             {"success": True, "data": {"status": "ready", "schema_version": version}}
         )
 

@@ -14,6 +14,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
@@ -133,11 +134,27 @@ def _printable(name: str) -> str:
     return shown.encode("unicode_escape").decode("ascii")
 
 
-def query_params(request: Request, allowed: Iterable[str]) -> dict[str, str]:
-    """Query parameters as a dict; 400 for a repeated or an unknown parameter."""
-    allowed = set(allowed)
+def query_items(query_string: bytes) -> list[tuple[str, str]]:
+    """The query's (name, value) pairs in order, exactly as Starlette's request.query_params
+    reads them (latin-1, parse_qsl with blank values kept).
+
+    A query without escapes (`%`, `+`), which is every well-behaved client's, is split
+    directly: parse_qsl would return the same pairs, several microseconds later.
+    """
+    if b"%" in query_string or b"+" in query_string:
+        return parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    items = []
+    for part in query_string.decode("latin-1").split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            items.append((name, value))
+    return items
+
+
+def query_params(items: list[tuple[str, str]], allowed: Iterable[str]) -> dict[str, str]:
+    """Query parameters (query_items) as a dict; 400 for a repeated or an unknown one."""
     params: dict[str, str] = {}
-    for name, value in request.query_params.multi_items():
+    for name, value in items:
         if name in params:
             raise ApiError(400, f"query parameter '{_printable(name)}' is given more than once")
         params[name] = value

@@ -15,9 +15,10 @@ import os
 import re
 import time
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .inputs import query_items
 
 access_log = logging.getLogger("dailyplay.access")
 
@@ -93,16 +94,8 @@ _ACTION = re.compile(r"[a-z-]{1,40}")
 
 def _operation(query_string: bytes) -> str | None:
     """The query's first `action` as the API reads it, "(invalid)" if it is no action name."""
-    if b"%" in query_string or b"+" in query_string:  # encoded: decode as Starlette does
-        for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-            if name == "action":
-                return value if _ACTION.fullmatch(value) else "(invalid)"
-        return None
-    # The usual case, without parse_qsl's few microseconds per request.
-    for part in query_string.split(b"&"):
-        name, _, raw = part.partition(b"=")
-        if name == b"action":
-            value = raw.decode("latin-1")
+    for name, value in query_items(query_string):
+        if name == "action":
             return value if _ACTION.fullmatch(value) else "(invalid)"
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -61,6 +62,25 @@ def test_validate_reports_an_active_token_without_consuming_it(world: World, api
             },
         }
     assert sql(world.settings, "SELECT status FROM sessions") == [("active",)]
+
+
+METADATA = {
+    "name": 'Zoë 🎮 "quoted" \\ \u2028',
+    "nested": {"list": [1, -2.5, 1e-07, 12345678901234567890123, True, None, []], "empty": {}},
+    "big": 2**70,
+    "float": 0.1,
+}
+
+
+def test_metadata_comes_back_as_it_was_sent(world: World, api_key: str) -> None:
+    # Stored metadata is written into answers as it was stored, not parsed and encoded again.
+    token = world.token(api_key, game_id=1, metadata=METADATA)
+    validated = world.client.get(f"{API}?action=validate-session&token={token}")
+    assert validated.json()["data"]["metadata"] == METADATA
+    consumed = world.client.post(f"{API}?action=consume-session", json={"token": token})
+    assert consumed.json()["data"]["metadata"] == METADATA
+    # The answer is well-formed JSON as Python's own parser reads it, float text included.
+    assert json.loads(consumed.content)["data"]["metadata"]["nested"]["list"][2] == 1e-07
 
 
 def test_consume_once_then_410(world: World, api_key: str) -> None:
