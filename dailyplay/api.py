@@ -81,7 +81,8 @@ def client_ip(
     request: Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> str:
     """The caller's address; X-Forwarded-For is believed only from trusted proxies."""
-    peer = request.client.host if request.client else "unknown"
+    client = request.scope.get("client")  # (host, port); request.client builds a tuple
+    peer = client[0] if client else "unknown"
     if not trusted:
         return peer
 

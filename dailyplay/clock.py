@@ -11,7 +11,6 @@ HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
 
 
 def now_ms() -> int:
@@ -19,14 +18,31 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_TWO_DIGITS = [f"{n:02d}" for n in range(100)]
+_THREE_DIGITS = [f"{n:03d}" for n in range(1000)]
+_dates: dict[int, str] = {}  # day since the epoch -> "YYYY-MM-DDT"
+
+
 def iso_from_ms(ms: int | None) -> str | None:
     """`2026-02-17T12:00:00.000Z` for a millisecond timestamp (None stays None)."""
     if ms is None:
         return None
-    moment = _EPOCH + ms * _MS  # integer arithmetic: no float rounding near a second's end
+    # Integer arithmetic throughout: no float rounding near a second's end. Answers name a few
+    # distinct days (today, expiry days), so each day's date text is formatted once.
+    day, in_day = divmod(ms, DAY_MS)
+    date = _dates.get(day)
+    if date is None:
+        moment = _EPOCH + timedelta(days=day)
+        date = f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        if len(_dates) >= 4096:
+            _dates.clear()
+        _dates[day] = date
+    seconds, millis = divmod(in_day, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
     return (
-        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
-        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{ms % 1000:03d}Z"
+        f"{date}{_TWO_DIGITS[hour]}:{_TWO_DIGITS[minute]}:{_TWO_DIGITS[second]}"
+        f".{_THREE_DIGITS[millis]}Z"
     )
 
 

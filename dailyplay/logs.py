@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import random
 import re
 import time
 from typing import Any
@@ -119,8 +119,14 @@ class RequestLogMiddleware:
             if name == REQUEST_ID_HEADER:
                 given = value.decode("latin-1")
                 break
-        # 128 random bits as hex: what uuid4().hex gives, without building a UUID per request.
-        request_id = given if given and _GOOD_REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+        # 32 hex digits, as uuid4().hex. An id names a request in logs and is no secret, so
+        # the random module's generator (reseeded in every forked worker) is enough: no
+        # getrandom() system call per request.
+        request_id = (
+            given
+            if given and _GOOD_REQUEST_ID.fullmatch(given)
+            else f"{random.getrandbits(128):032x}"
+        )
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500

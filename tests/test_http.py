@@ -6,13 +6,6 @@ import uuid
 
 import pytest
 from conftest import API, World, assert_error, running_app, sql
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from starlette.datastructures import QueryParams
-from starlette.responses import JSONResponse
-
-from dailyplay.inputs import query_items
-from dailyplay.responses import JsonResponse
 
 
 @pytest.mark.parametrize(
@@ -260,23 +253,3 @@ def test_a_database_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stored(
             blocker.close()
         assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
         assert world.create_session(key).status_code == 200
-
-
-@settings(max_examples=500, deadline=None)
-@given(
-    st.lists(
-        st.sampled_from(
-            [b"a", b"action", b"token", b"=", b"&", b"%", b"%41", b"%zz", b"+", b";", b"\xe9", b""]
-        ),
-        max_size=12,
-    ).map(b"".join)
-)
-def test_the_query_is_read_as_starlette_reads_it(query: bytes) -> None:
-    # The dispatcher splits plain queries itself; the pairs must be the ones Starlette gives.
-    assert query_items(query) == QueryParams(query).multi_items()
-
-
-def test_answers_orjson_declines_are_encoded_as_starlette_would() -> None:
-    # An integer past 64 bits cannot come from the database, but an answer must never 500.
-    content = {"success": True, "data": {"n": 2**70, "s": "é"}}
-    assert JsonResponse(content).body == JSONResponse(content).body

@@ -48,6 +48,11 @@ def test_an_unusable_request_id_is_replaced(world: World, given: str) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
 
 
+def test_generated_request_ids_are_distinct(world: World) -> None:
+    ids = {world.client.get("/healthz").headers["x-request-id"] for _ in range(200)}
+    assert len(ids) == 200
+
+
 def test_errors_carry_the_request_id_too(world: World) -> None:
     for response in (world.client.get("/nowhere"), world.client.delete("/healthz")):
         assert response.status_code in (404, 405)
