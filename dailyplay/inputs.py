@@ -47,6 +47,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# json.loads would build a new decoder for these options on every call.
+_BODY_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicate_keys,
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+)
+
+
 async def read_json_object(
     request: Request, max_bytes: int, timeout_seconds: float = 10
 ) -> dict[str, Any]:
@@ -78,14 +86,13 @@ async def read_json_object(
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not valid UTF-8") from None
     try:
-        body = json.loads(
-            text,
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
-        # Lone surrogates (\ud800) parse but cannot be stored as UTF-8 text.
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise ValueError("Unexpected UTF-8 BOM")
+        body = _BODY_DECODER.decode(text)
+        # Lone surrogates (\ud800) parse but cannot be stored as UTF-8 text. Text that arrived
+        # as UTF-8 has none of its own: only a \u escape can make one.
+        if "\\u" in text:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
     except UnicodeEncodeError:

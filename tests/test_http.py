@@ -105,6 +105,8 @@ def test_unknown_path_is_a_json_404(world: World) -> None:
         ),
         (b'{"token": "\xff\xfe"}', {"content-type": "application/json"}, 400, "UTF-8"),
         (b'{"token": "\\ud800"}', {"content-type": "application/json"}, 400, "surrogate"),
+        (b'{"a": {"b": "\\udfff"}}', {"content-type": "application/json"}, 400, "surrogate"),
+        (b'\xef\xbb\xbf{"token": "x"}', {"content-type": "application/json"}, 400, "BOM"),
         (b"[" * 100_00 + b"]" * 100_00, {"content-type": "application/json"}, 400, ""),
         (
             b'{"token": ' + b"9" * 5000 + b"}",
