@@ -120,8 +120,8 @@ class RequestLogMiddleware:
                 given = value.decode("latin-1")
                 break
         # 32 hex digits, as uuid4().hex. An id names a request in logs and is no secret, so
-        # the random module's generator (reseeded in every forked worker) is enough: no
-        # getrandom() system call per request.
+        # the random module's generator (seeded from the OS in each process, and again after a
+        # fork) is enough: no getrandom() system call per request.
         request_id = (
             given
             if given and _GOOD_REQUEST_ID.fullmatch(given)
