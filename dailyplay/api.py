@@ -605,7 +605,7 @@ def select_operation(method: str, items: list[tuple[str, str]]) -> Operation:
 async def handle_org_api_keys(request: Request) -> Response:
     """The one public route: pick the operation, check the query, run it."""
     services: Services = request.app.state.services
-    items = inputs.query_items(request.scope["query_string"])
+    items = inputs.request_query(request.scope)
     try:
         return await _run_operation(services, request, items)
     except ApiError as exc:

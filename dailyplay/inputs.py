@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from .errors import ApiError
 
@@ -156,6 +157,16 @@ def query_items(query_string: bytes) -> list[tuple[str, str]]:
         if part:
             name, _, value = part.partition("=")
             items.append((name, value))
+    return items
+
+
+def request_query(scope: Scope) -> list[tuple[str, str]]:
+    """query_items of this request's query string, split once per request (the dispatcher and
+    the log line both read it)."""
+    state = scope.setdefault("state", {})
+    items: list[tuple[str, str]] | None = state.get("query_items")
+    if items is None:
+        items = state["query_items"] = query_items(scope.get("query_string", b""))
     return items
 
 

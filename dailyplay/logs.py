@@ -18,7 +18,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .inputs import query_items
+from .clock import iso_from_ms
+from .inputs import request_query
 
 access_log = logging.getLogger("dailyplay.access")
 
@@ -92,9 +93,9 @@ def note(scope: Scope, **fields: Any) -> None:
 _ACTION = re.compile(r"[a-z-]{1,40}")
 
 
-def _operation(query_string: bytes) -> str | None:
-    """The query's first `action` as the API reads it, "(invalid)" if it is no action name."""
-    for name, value in query_items(query_string):
+def _operation(items: list[tuple[str, str]]) -> str | None:
+    """The query's (inputs.query_items) first `action`, "(invalid)" if it is no action name."""
+    for name, value in items:
         if name == "action":
             return value if _ACTION.fullmatch(value) else "(invalid)"
     return None
@@ -146,7 +147,7 @@ class RequestLogMiddleware:
             logged = access_log.isEnabledFor(logging.INFO)
             if logged or self.metrics is not None:
                 seconds = time.perf_counter() - started
-                operation = _operation(scope.get("query_string", b""))
+                operation = _operation(request_query(scope))
                 if self.metrics is not None:
                     self.metrics.observe_request(
                         scope["method"], scope["path"], operation, status, seconds
@@ -179,14 +180,8 @@ class RequestLogMiddleware:
         access_log.handle(record)
 
 
-_second: list[Any] = [None, ""]  # the last second formatted, and its text
-
-
 def _utc(record: logging.LogRecord) -> str:
-    second = int(record.created)
-    if _second[0] != second:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int(record.msecs):03d}Z"
+    return str(iso_from_ms(int(record.created) * 1000 + int(record.msecs)))
 
 
 class JsonFormatter(logging.Formatter):

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 import pytest
 from conftest import API, World, assert_error, run_cli
 
+from dailyplay.inputs import query_items
 from dailyplay.logs import JsonFormatter, RedactSecretsFilter, TextFormatter, _operation
 
 
@@ -154,7 +155,7 @@ def test_the_logged_operation_is_the_action_the_api_reads(query: bytes) -> None:
     expected = None
     if actions:
         expected = actions[0] if re.fullmatch(r"[a-z-]{1,40}", actions[0]) else "(invalid)"
-    assert _operation(query) == expected
+    assert _operation(query_items(query)) == expected
 
 
 def test_secrets_sent_in_the_path_or_request_id_stay_out_of_the_line(
