@@ -10,7 +10,7 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,9 +19,18 @@ from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import MAX_MS, iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
-from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database, audit_entry
+from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database, KeyChanged, audit_entry
+from .deadlines import Deadlines
 from .errors import ApiError
-from .keys import ApiKeyVerifier, generate_api_key, hash_api_key, is_well_formed, key_prefix
+from .keys import (
+    ApiKeyVerifier,
+    KeyState,
+    KeyStates,
+    generate_api_key,
+    hash_api_key,
+    is_well_formed,
+    key_prefix,
+)
 from .logs import note
 from .ratelimit import (
     FailedAuthLimiter,
@@ -54,19 +63,21 @@ class Services:
     settings: Settings
     db: Database
     key_verifier: ApiKeyVerifier
+    key_states: KeyStates
     jwt: JwtVerifier
     key_limiter: KeyRateLimiter
     public_limiter: PublicRateLimiter
     auth_failures: FailedAuthLimiter
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     metrics: Metrics
+    deadlines: Deadlines
 
 
 async def read_body(services: Services, request: Request) -> dict[str, Any]:
     """The JSON object body, within this server's size and time limits."""
     limits = services.settings.limits
     return await inputs.read_json_object(
-        request, limits.max_body_bytes, limits.body_timeout_seconds
+        request, limits.max_body_bytes, services.deadlines, limits.body_timeout_seconds
     )
 
 
@@ -136,15 +147,29 @@ async def authenticate_bearer(services: Services, request: Request) -> Principal
 
 @dataclass(frozen=True)
 class KeyContext:
-    key_id: int
-    org_id: int
-    allowed_game_ids: list[int] | None
-    allowed_stream_ids: list[int] | None
+    """A key admitted for this request: the reading of its row it was admitted on, and the
+    request's count against its limits."""
+
+    state: KeyState
     rate: WindowState
+    remembered: bool  # admitted on a reading kept from an earlier request, not a fresh one
+
+    @property
+    def key_id(self) -> int:
+        return self.state.key_id
+
+    @property
+    def org_id(self) -> int:
+        return self.state.org_id
 
 
 async def authenticate_api_key(services: Services, request: Request, now: int) -> KeyContext:
-    """The x-api-key's current row, checked (401/403) and counted against its limits (429)."""
+    """The x-api-key's row, checked (401/403) and counted against its limits (429).
+
+    A reading of the row remembered from an earlier request is used when it admits the
+    request; the admission is confirmed when the token is inserted (db.KeyChanged). Anything it
+    would refuse is decided again on the current row, so that old state never refuses.
+    """
     raw = request.headers.get("x-api-key")
     if not raw:
         raise ApiError(
@@ -160,31 +185,74 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
     verified = await services.key_verifier.verify(raw)
     if verified is None:
         raise ApiError(401, "invalid API key", kind="api_key_invalid")
-    row = await services.db.get_api_key_for_request(verified.key_id)
-    if row is None or row["key_hash"] != verified.key_hash:
+    remembered = services.key_states.get(verified.key_id)
+    if remembered is not None:
+        try:
+            return await _admit(services, request, verified.key_hash, remembered, now, True)
+        except ApiError:
+            pass  # perhaps out of date: decide on the current row
+    state = await _read_key_state(services, verified.key_id)
+    return await _admit(services, request, verified.key_hash, state, now, False)
+
+
+async def _read_key_state(services: Services, key_id: int) -> KeyState | None:
+    row = await services.db.get_api_key_for_request(key_id)
+    state = None if row is None else KeyState.from_row(row)
+    services.key_states.remember(key_id, state)
+    return state
+
+
+def _check_key(request: Request, key_hash: str, state: KeyState | None, now: int) -> KeyState:
+    """401/403 unless the key (of this hash) may create session tokens now."""
+    if state is None or state.key_hash != key_hash:
         raise ApiError(401, "invalid API key", kind="api_key_invalid")
-    note(request.scope, key_id=row["id"], org_id=row["org_id"])
-    if not row["is_active"]:
+    note(request.scope, key_id=state.key_id, org_id=state.org_id)
+    if not state.is_active:
         raise ApiError(401, "API key has been revoked", kind="api_key_revoked")
-    if row["expires_at"] is not None and row["expires_at"] <= now:
+    if state.expires_at is not None and state.expires_at <= now:
         raise ApiError(401, "API key has expired", kind="api_key_expired")
-    if row["tier"] != "business":
+    if state.tier != "business":
         raise ApiError(
             403,
             "session tokens need the Business tier; this API key's organization is not on it",
             kind="org_not_business",
         )
+    return state
+
+
+async def _admit(
+    services: Services,
+    request: Request,
+    key_hash: str,
+    state: KeyState | None,
+    now: int,
+    remembered: bool,
+) -> KeyContext:
+    state = _check_key(request, key_hash, state, now)
     rate = await services.key_limiter.hit(
-        row["id"], row["rate_limit_per_minute"], row["rate_limit_per_day"], now
+        state.key_id, state.rate_limit_per_minute, state.rate_limit_per_day, now
     )
-    services.key_limiter.note_used(row["id"], now)
-    return KeyContext(
-        key_id=row["id"],
-        org_id=row["org_id"],
-        allowed_game_ids=_json_list(row["allowed_game_ids"]),
-        allowed_stream_ids=_json_list(row["allowed_stream_ids"]),
-        rate=rate,
+    services.key_limiter.note_used(state.key_id, now)
+    return KeyContext(state, rate, remembered)
+
+
+async def _readmit(services: Services, request: Request, key: KeyContext, now: int) -> KeyContext:
+    """The key decided again on its current row (401/403 if it may no longer create tokens).
+    The request stays counted once against its limits, unless they have changed: then it is
+    counted under the new ones too (429 past them), as a request arriving now would be."""
+    state = _check_key(
+        request, key.state.key_hash, await _read_key_state(services, key.key_id), now
     )
+    old = key.state
+    rate = key.rate
+    if (state.rate_limit_per_minute, state.rate_limit_per_day) != (
+        old.rate_limit_per_minute,
+        old.rate_limit_per_day,
+    ):
+        rate = await services.key_limiter.hit(
+            state.key_id, state.rate_limit_per_minute, state.rate_limit_per_day, now
+        )
+    return KeyContext(state, rate, False)
 
 
 def _json_list(text: str | None) -> list[int] | None:
@@ -194,47 +262,90 @@ def _json_list(text: str | None) -> list[int] | None:
 # --- sessions -----------------------------------------------------------------------------------
 
 
+class SessionFields(NamedTuple):
+    game_id: int | None
+    stream_id: int | None
+    external_ref: str | None
+    metadata: str | None
+    expires_in_minutes: int
+
+
+def _session_fields(services: Services, body: dict[str, Any]) -> SessionFields:
+    inputs.check_fields(
+        body, ("game_id", "stream_id", "external_ref", "metadata", "expires_in_minutes")
+    )
+    game_id = inputs.optional_positive_int(body, "game_id")
+    stream_id = inputs.optional_positive_int(body, "stream_id")
+    if game_id is None and stream_id is None:
+        raise ApiError(400, "at least one of 'game_id' and 'stream_id' is required")
+    external_ref = inputs.text(body.get("external_ref"), "external_ref", MAX_EXTERNAL_REF)
+    metadata = inputs.metadata_json(
+        body.get("metadata"), "metadata", services.settings.limits.max_metadata_bytes
+    )
+    sessions = services.settings.sessions
+    minutes = body.get("expires_in_minutes")
+    minutes = (
+        sessions.default_expires_minutes
+        if minutes is None
+        else inputs.positive_int(minutes, "expires_in_minutes", sessions.max_expires_minutes)
+    )
+    return SessionFields(game_id, stream_id, external_ref, metadata, minutes)
+
+
+# Readings of a key's row one create may go through when the key keeps changing meanwhile.
+KEY_READINGS = 3
+
+
+async def _insert_session(
+    services: Services, request: Request, key: KeyContext, fields: SessionFields, now: int
+) -> tuple[uuid.UUID, KeyContext]:
+    """Store a new token for the key, as the key's row is when it is stored; returns the token
+    and the key as it was admitted then."""
+    for _reading in range(KEY_READINGS):
+        try:
+            _check_allowed(fields.game_id, key.state.allowed_game_ids, "game")
+            _check_allowed(fields.stream_id, key.state.allowed_stream_ids, "stream")
+            token = uuid.uuid4()
+            await services.db.insert_session(
+                (
+                    token.bytes,
+                    key.org_id,
+                    key.key_id,
+                    fields.game_id,
+                    fields.stream_id,
+                    fields.external_ref,
+                    fields.metadata,
+                    now,
+                    now + fields.expires_in_minutes * 60_000,
+                ),
+                key.state.row,
+            )
+            return token, key
+        except ApiError:
+            if not key.remembered:
+                raise
+        except KeyChanged:
+            pass
+        key = await _readmit(services, request, key, now)
+    raise ApiError(
+        503,
+        "the API key was being changed while the session was created; try again",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def create_session(services: Services, request: Request, params: dict[str, str]) -> Response:
     now = now_ms()
     key = await authenticate_api_key(services, request, now)
     headers = rate_limit_headers(key.rate)
     try:
-        body = await read_body(services, request)
-        inputs.check_fields(
-            body, ("game_id", "stream_id", "external_ref", "metadata", "expires_in_minutes")
-        )
-        game_id = inputs.optional_positive_int(body, "game_id")
-        stream_id = inputs.optional_positive_int(body, "stream_id")
-        if game_id is None and stream_id is None:
-            raise ApiError(400, "at least one of 'game_id' and 'stream_id' is required")
-        external_ref = inputs.text(body.get("external_ref"), "external_ref", MAX_EXTERNAL_REF)
-        metadata = inputs.metadata_json(
-            body.get("metadata"), "metadata", services.settings.limits.max_metadata_bytes
-        )
-        sessions = services.settings.sessions
-        minutes = body.get("expires_in_minutes")
-        minutes = (
-            sessions.default_expires_minutes
-            if minutes is None
-            else inputs.positive_int(minutes, "expires_in_minutes", sessions.max_expires_minutes)
-        )
-        _check_allowed(game_id, key.allowed_game_ids, "game")
-        _check_allowed(stream_id, key.allowed_stream_ids, "stream")
-        token = uuid.uuid4()
-        expires_at = now + minutes * 60_000
-        await services.db.insert_session(
-            (
-                token.bytes,
-                key.org_id,
-                key.key_id,
-                game_id,
-                stream_id,
-                external_ref,
-                metadata,
-                now,
-                expires_at,
-            )
-        )
+        try:
+            fields = _session_fields(services, await read_body(services, request))
+        except ApiError:
+            if key.remembered:
+                await _readmit(services, request, key, now)  # a changed key answers first
+            raise
+        token, key = await _insert_session(services, request, key, fields, now)
     except ApiError as exc:
         exc.headers = {**headers, **exc.headers}
         raise
@@ -242,12 +353,12 @@ async def create_session(services: Services, request: Request, params: dict[str,
     return ok(
         {
             "token": str(token),
-            "game_id": game_id,
-            "stream_id": stream_id,
-            "expires_at": iso_from_ms(expires_at),
-            "external_ref": external_ref,
+            "game_id": fields.game_id,
+            "stream_id": fields.stream_id,
+            "expires_at": iso_from_ms(now + fields.expires_in_minutes * 60_000),
+            "external_ref": fields.external_ref,
         },
-        headers=headers,
+        headers=rate_limit_headers(key.rate),
     )
 
 

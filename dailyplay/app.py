@@ -26,8 +26,9 @@ from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
 from .clock import now_ms
 from .db import SCHEMA_VERSION, Database
+from .deadlines import Deadlines
 from .errors import ApiError
-from .keys import ApiKeyVerifier
+from .keys import ApiKeyVerifier, KeyStates
 from .logs import RequestLogMiddleware
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -246,12 +247,14 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             settings=settings,
             db=db,
             key_verifier=ApiKeyVerifier(db),
+            key_states=KeyStates(),
             jwt=jwt_verifier,
             key_limiter=key_limiter,
             public_limiter=PublicRateLimiter(settings.limits.public_per_minute),
             auth_failures=FailedAuthLimiter(settings.limits.failed_auth_per_minute),
             trusted_proxies=trusted,
             metrics=metrics,
+            deadlines=Deadlines(),
         )
         # Everything made so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise walk it every few seconds under load (tens of ms each).
@@ -264,6 +267,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
+            app.state.services.deadlines.close()
             await db.close()
 
     def logged_client_ip(scope: Scope) -> str:

@@ -34,6 +34,10 @@ log = logging.getLogger("dailyplay.db")
 SCHEMA_FILE = "schema.sql"
 
 
+class KeyChanged(Exception):
+    """The API key's row is no longer the one the request was admitted on; nothing was stored."""
+
+
 class SchemaError(RuntimeError):
     """The database file's schema is newer than this program, or cannot be migrated."""
 
@@ -223,6 +227,15 @@ CONSUME_SESSIONS = (
     " WHERE token IN (SELECT t FROM first) AND status = 'active'"
     " AND expires_at > (SELECT n FROM first WHERE first.t = sessions.token)"
     " RETURNING token, " + SESSION_COLUMNS
+)
+# Everything that decides whether a key may create a token, and how: a request is admitted on
+# one reading of it (remembered between requests), and its token is inserted only if the row is
+# still the same inside the inserting transaction.
+KEY_STATE = (
+    "SELECT k.id, k.org_id, k.key_hash, k.is_active, k.allowed_game_ids,"
+    " k.allowed_stream_ids, k.rate_limit_per_minute, k.rate_limit_per_day,"
+    " k.expires_at, o.tier FROM api_keys k JOIN orgs o ON o.id = k.org_id"
+    " WHERE k.id = ?"
 )
 MUTABLE_KEY_COLUMNS = frozenset(
     {
@@ -598,14 +611,8 @@ class Database:
         )
 
     async def get_api_key_for_request(self, key_id: int) -> sqlite3.Row | None:
-        """The key's current state and its org's tier, read fresh for every request."""
-        return await self._read_one(
-            "SELECT k.id, k.org_id, k.key_hash, k.is_active, k.allowed_game_ids,"
-            " k.allowed_stream_ids, k.rate_limit_per_minute, k.rate_limit_per_day,"
-            " k.expires_at, o.tier FROM api_keys k JOIN orgs o ON o.id = k.org_id"
-            " WHERE k.id = ?",
-            (key_id,),
-        )
+        """The key's current state and its org's tier (KEY_STATE's columns), read now."""
+        return await self._read_one(KEY_STATE, (key_id,))
 
     async def record_key_usage(
         self, last_used: dict[int, int], counter_deltas: dict[tuple[int, str, int], int]
@@ -659,10 +666,14 @@ class Database:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    async def insert_session(self, values: tuple[Any, ...]) -> int:
+    async def insert_session(
+        self, values: tuple[Any, ...], key_state: tuple[Any, ...] | None = None
+    ) -> int:
         """Insert a token: (token, org_id, api_key_id, game_id, stream_id, external_ref,
-        metadata, created_at, expires_at); returns the session id."""
-        session_id: int = await self._enqueue("insert_session", values)
+        metadata, created_at, expires_at); returns the session id. With key_state (a
+        KEY_STATE row as a tuple) the token is inserted only if the key's row is still exactly
+        that inside the transaction; else KeyChanged is raised and nothing is stored."""
+        session_id: int = await self._enqueue("insert_session", (values, key_state))
         return session_id
 
     async def get_session(self, token: bytes) -> sqlite3.Row | None:
@@ -863,7 +874,7 @@ def _commit_writes(
         if len(writes) == 1:
             return [(False, exc)]
         return [outcome for write in writes for outcome in _commit_writes(conn, [write])]
-    return [(True, result) for result in results]
+    return [(not isinstance(result, KeyChanged), result) for result in results]
 
 
 def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[Any]:
@@ -881,16 +892,18 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
             inserts.append(index)
         else:
             consumes.append(index)
+    inserts = _admitted(conn, writes, inserts, results)
     for start in range(0, len(inserts), ROWS_PER_STATEMENT):
         chunk = inserts[start : start + ROWS_PER_STATEMENT]
         rows = conn.execute(
             INSERT_SESSION_HEAD + ", ".join([SESSION_ROW] * len(chunk)) + " RETURNING token, id",
-            [value for index in chunk for value in writes[index][1]],
+            [value for index in chunk for value in writes[index][1][0]],
         ).fetchall()
         ids = {bytes(row[0]): int(row[1]) for row in rows}
-        _count_usage(conn, "created", [(writes[i][1][2], writes[i][1][7]) for i in chunk])
-        for index in chunk:
-            results[index] = ids[writes[index][1][0]]
+        values = [writes[index][1][0] for index in chunk]
+        _count_usage(conn, "created", [(v[2], v[7]) for v in values])
+        for index, row_values in zip(chunk, values, strict=True):
+            results[index] = ids[row_values[0]]
     for start in range(0, len(consumes), ROWS_PER_STATEMENT):
         chunk = consumes[start : start + ROWS_PER_STATEMENT]
         rows = conn.execute(
@@ -903,6 +916,27 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
         for index in chunk:
             results[index] = won.pop(writes[index][1][0], None)
     return results
+
+
+def _admitted(
+    conn: sqlite3.Connection, writes: list[tuple[str, Any]], inserts: list[int], results: list[Any]
+) -> list[int]:
+    """The token inserts whose key is still in the state they were admitted on (read once per
+    key in the group); the others get KeyChanged as their result and insert nothing."""
+    current: dict[int, tuple[Any, ...] | None] = {}
+    admitted = []
+    for index in inserts:
+        values, key_state = writes[index][1]
+        if key_state is not None:
+            key_id = values[2]
+            if key_id not in current:
+                row = conn.execute(KEY_STATE, (key_id,)).fetchone()
+                current[key_id] = None if row is None else tuple(row)
+            if current[key_id] != key_state:
+                results[index] = KeyChanged(key_id)
+                continue
+        admitted.append(index)
+    return admitted
 
 
 # Usage is kept for the longest window listings show (30 days) and a day more.

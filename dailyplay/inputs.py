@@ -6,7 +6,6 @@ nothing a client sends can get past them as anything but the declared type.
 
 from __future__ import annotations
 
-import asyncio
 import decimal
 import json
 import math
@@ -18,6 +17,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.types import Scope
 
+from .deadlines import Deadlines
 from .errors import ApiError
 
 MAX_INT63 = 2**63 - 1
@@ -57,7 +57,7 @@ _BODY_DECODER = json.JSONDecoder(
 
 
 async def read_json_object(
-    request: Request, max_bytes: int, timeout_seconds: float = 10
+    request: Request, max_bytes: int, deadlines: Deadlines, timeout_seconds: float = 10
 ) -> dict[str, Any]:
     """The request body as a JSON object; 413 past max_bytes (without reading it all), 408 when
     it has not all arrived within timeout_seconds (a slow client must not hold a request)."""
@@ -72,7 +72,7 @@ async def read_json_object(
         if int(declared) > max_bytes:
             raise ApiError(413, f"request body is larger than the limit of {max_bytes} bytes")
     try:
-        async with asyncio.timeout(timeout_seconds):
+        with deadlines.bound(timeout_seconds):
             raw = await _read_at_most(request, max_bytes)
     except TimeoutError:
         raise ApiError(

@@ -3,8 +3,13 @@
 A raw key is `dpk_` + 40 lowercase hex characters (160 random bits). Only its argon2id hash and
 its first 8 characters (`key_prefix`, for people and for finding candidate rows) are stored.
 Verifying costs one argon2 hash the first time a process sees a key; after that a SHA-256 digest
-of the raw key maps to the key id in memory, and the key's row is still read on every request so
-that revocation, deletion and expiry take effect at once in every worker.
+of the raw key maps to the key id in memory.
+
+What a key may do (active, expiry, allow-lists, limits, its org's tier) is its row, remembered
+between requests in `KeyStates`. Revocation, deletion, expiry and every other change still take
+effect at once in every worker: a token is inserted only if the key's row is unchanged inside
+the inserting transaction (`db.KeyChanged` otherwise), and a request refused on a remembered
+reading is decided again on a fresh one before the refusal is sent.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import re
 import secrets
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -123,11 +131,11 @@ class _BoundedCache:
     """A small LRU map with optional entry lifetime."""
 
     def __init__(self, max_entries: int, ttl_seconds: float | None = None):
-        self._entries: OrderedDict[bytes, tuple[float, object]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
         self._max = max_entries
         self._ttl = ttl_seconds
 
-    def get(self, key: bytes) -> object | None:
+    def get(self, key: Hashable) -> object | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -138,14 +146,65 @@ class _BoundedCache:
         self._entries.move_to_end(key)
         return value
 
-    def put(self, key: bytes, value: object) -> None:
+    def put(self, key: Hashable, value: object) -> None:
         self._entries[key] = (time.monotonic(), value)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
-    def discard(self, key: bytes) -> None:
+    def discard(self, key: Hashable) -> None:
         self._entries.pop(key, None)
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """One reading of a key's row and its org's tier (db.KEY_STATE), parsed."""
+
+    row: tuple[Any, ...]  # as read, to be compared with the row inside the inserting transaction
+    key_id: int
+    org_id: int
+    key_hash: str
+    is_active: bool
+    allowed_game_ids: list[int] | None
+    allowed_stream_ids: list[int] | None
+    rate_limit_per_minute: int
+    rate_limit_per_day: int
+    expires_at: int | None
+    tier: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> KeyState:
+        games, streams = row["allowed_game_ids"], row["allowed_stream_ids"]
+        return cls(
+            row=tuple(row),
+            key_id=row["id"],
+            org_id=row["org_id"],
+            key_hash=row["key_hash"],
+            is_active=bool(row["is_active"]),
+            allowed_game_ids=None if games is None else json.loads(games),
+            allowed_stream_ids=None if streams is None else json.loads(streams),
+            rate_limit_per_minute=row["rate_limit_per_minute"],
+            rate_limit_per_day=row["rate_limit_per_day"],
+            expires_at=row["expires_at"],
+            tier=row["tier"],
+        )
+
+
+class KeyStates:
+    """The last reading of each key's row in this process, by key id (bounded, LRU)."""
+
+    def __init__(self, max_entries: int = 10_000):
+        self._states = _BoundedCache(max_entries)
+
+    def get(self, key_id: int) -> KeyState | None:
+        state = self._states.get(key_id)
+        return state if isinstance(state, KeyState) else None
+
+    def remember(self, key_id: int, state: KeyState | None) -> None:
+        if state is None:
+            self._states.discard(key_id)
+        else:
+            self._states.put(key_id, state)
 
 
 class ApiKeyVerifier:

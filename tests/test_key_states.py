@@ -1,0 +1,143 @@
+"""A key's row is remembered between requests, yet every change made elsewhere (another worker,
+the CLI, plain SQL) counts from the next request: nothing is created on old state, and nothing
+is refused on it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from conftest import API, World, add_org, assert_error, sql
+
+from dailyplay import config, db
+from dailyplay.keys import issue_api_key
+
+NOW = 1_800_000_000_000
+
+
+def sessions(world: World) -> int:
+    return int(sql(world.settings, "SELECT count(*) FROM sessions")[0][0])
+
+
+def remembered_key(world: World, **fields: Any) -> dict[str, Any]:
+    """A new key that this process has already used once (its row is remembered)."""
+    key = world.create_key(**fields)
+    assert world.create_session(key["key"], game_id=1).status_code == 200
+    return key
+
+
+def test_a_key_revoked_elsewhere_is_refused_at_once_and_stores_nothing(world: World) -> None:
+    key = remembered_key(world)
+    before = sessions(world)
+    sql(world.settings, "UPDATE api_keys SET is_active = 0 WHERE id = ?", (key["id"],))
+    assert_error(world.create_session(key["key"]), 401, "revoked")
+    # The key's state answers before the body's faults, as for a key read fresh.
+    response = world.client.post(
+        f"{API}?action=create-session", json={"game_id": "x"}, headers={"x-api-key": key["key"]}
+    )
+    assert_error(response, 401, "revoked")
+    assert sessions(world) == before
+
+
+def test_a_key_deleted_or_expired_elsewhere_is_refused_at_once(world: World) -> None:
+    deleted = remembered_key(world)
+    expiring = remembered_key(world)
+    before = sessions(world)
+    sql(world.settings, "DELETE FROM api_keys WHERE id = ?", (deleted["id"],))
+    assert_error(world.create_session(deleted["key"]), 401, "invalid")
+    sql(
+        world.settings,
+        "UPDATE api_keys SET expires_at = ? WHERE id = ?",
+        (int(time.time() * 1000) + 300, expiring["id"]),
+    )
+    time.sleep(0.4)  # past the new expiry, which the remembered row did not have
+    assert_error(world.create_session(expiring["key"]), 401, "expired")
+    assert sessions(world) == before
+
+
+def test_an_org_moved_off_business_elsewhere_is_refused_and_back_on_is_served(
+    world: World,
+) -> None:
+    key = remembered_key(world)
+    sql(world.settings, "UPDATE orgs SET tier = 'free' WHERE id = ?", (world.org_id,))
+    assert_error(world.create_session(key["key"]), 403, "business")
+    sql(world.settings, "UPDATE orgs SET tier = 'business' WHERE id = ?", (world.org_id,))
+    assert world.create_session(key["key"]).status_code == 200
+
+
+def test_allow_lists_changed_elsewhere_count_both_ways(world: World) -> None:
+    key = remembered_key(world, allowed_game_ids=[1, 2])
+    sql(world.settings, "UPDATE api_keys SET allowed_game_ids = '[1]' WHERE id = ?", (key["id"],))
+    before = sessions(world)
+    assert_error(world.create_session(key["key"], game_id=2), 403, "game 2")
+    assert sessions(world) == before
+    # Widened elsewhere: the remembered list would refuse game 3; the current one allows it.
+    assert_error(world.create_session(key["key"], game_id=3), 403, "game 3")
+    sql(
+        world.settings, "UPDATE api_keys SET allowed_game_ids = '[1, 3]' WHERE id = ?", (key["id"],)
+    )
+    response = world.create_session(key["key"], game_id=3)
+    assert response.status_code == 200, response.text
+    assert sql(
+        world.settings,
+        "SELECT game_id FROM sessions WHERE api_key_id = ? ORDER BY id",
+        (key["id"],),
+    ) == [(1,), (3,)]
+
+
+def test_a_limit_raised_elsewhere_is_not_refused_on_the_old_one(world: World) -> None:
+    key = remembered_key(world, rate_limit_per_minute=2)
+    assert world.create_session(key["key"]).status_code == 200
+    assert_error(world.create_session(key["key"]), 429, "per-minute limit of 2")
+    sql(world.settings, "UPDATE api_keys SET rate_limit_per_minute = 50 WHERE id = ?", (key["id"],))
+    response = world.create_session(key["key"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-ratelimit-limit"] == "50"
+
+
+# --- the check inside the inserting transaction -------------------------------------------------
+
+
+def test_an_insert_admitted_on_an_old_reading_of_its_key_stores_nothing(
+    settings: config.Settings,
+) -> None:
+    org = add_org(settings)
+    conn = db.connect(settings.database)
+    with db.transaction(conn):
+        _raw, row = issue_api_key(conn, org, "CRM", NOW, per_minute=60, per_day=1000)
+    key_id = int(row["id"])
+    state = tuple(conn.execute(db.KEY_STATE, (key_id,)).fetchone())
+    conn.close()
+    changed = list(state)
+    changed[6] = 61  # rate_limit_per_minute, as another process would have set it
+    tokens = [uuid.uuid4().bytes for _ in range(4)]
+
+    def values(token: bytes) -> tuple[Any, ...]:
+        return (token, org, key_id, 1, None, None, None, NOW, NOW + 60_000)
+
+    async def main() -> list[Any]:
+        database = db.Database(settings.database)
+        await database.open()
+        try:
+            # One group: two inserts on the current reading, one on an old one, one unchecked.
+            return await asyncio.gather(
+                database.insert_session(values(tokens[0]), state),
+                database.insert_session(values(tokens[1]), tuple(changed)),
+                database.insert_session(values(tokens[2]), state),
+                database.insert_session(values(tokens[3])),
+                return_exceptions=True,
+            )
+        finally:
+            await database.close()
+
+    outcomes = asyncio.run(main())
+    assert isinstance(outcomes[1], db.KeyChanged)
+    assert all(isinstance(outcomes[i], int) for i in (0, 2, 3)), outcomes
+    stored = {bytes(t) for (t,) in sql(settings, "SELECT token FROM sessions")}
+    assert stored == {tokens[0], tokens[2], tokens[3]}
+    # The usage counters count what was stored, not what was asked for.
+    assert sql(settings, "SELECT sum(created) FROM key_usage WHERE api_key_id = ?", (key_id,)) == [
+        (3,)
+    ]
