@@ -44,6 +44,7 @@ def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None
     assert run["rss_kb_after"] > 0
     assert results["table_sizes"]["0"]["validate"]["rps"] > 0
     assert "x bare" in result.stdout
+    assert results["warm_up_s"] == 1 and "warm-up run" in result.stdout
     # Every process it started is gone: nothing listens on the ports it used.
     assert (
         "dailyplay-bench-"
