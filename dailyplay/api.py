@@ -349,7 +349,7 @@ async def create_session(services: Services, request: Request, params: dict[str,
     except ApiError as exc:
         exc.headers = {**headers, **exc.headers}
         raise
-    services.metrics.sessions_created.inc()
+    services.metrics.session_created()
     return ok(
         {
             "token": str(token),
@@ -434,7 +434,7 @@ async def consume_session(services: Services, request: Request, params: dict[str
         status = status if status in GONE_MESSAGES else "expired"
         raise ApiError(410, GONE_MESSAGES[status], kind=status)
     note(request.scope, org_id=row["org_id"])
-    services.metrics.sessions_consumed.inc()
+    services.metrics.session_consumed()
     return ok(
         {
             "session_id": row["id"],

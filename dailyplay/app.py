@@ -32,6 +32,7 @@ from .keys import ApiKeyVerifier, KeyStates
 from .logs import RequestLogMiddleware
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .metrics import flushing as flushing_metrics
 from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 from .responses import JsonResponse
@@ -261,7 +262,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         gc.freeze()
         retention = asyncio.create_task(run_retention(db, settings.sessions.retention_days))
         try:
-            async with flushing(key_limiter):
+            async with flushing(key_limiter), flushing_metrics(metrics):
                 yield
         finally:
             retention.cancel()

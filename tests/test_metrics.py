@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client as http_client
 import json
+import random
 import socket
 import time
 import uuid
@@ -23,10 +24,12 @@ from conftest import (
     sql,
     write_config,
 )
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from dailyplay import db
+from dailyplay import metrics as metrics_module
 from dailyplay.clock import now_ms
 from dailyplay.keys import issue_api_key
 
@@ -272,13 +275,17 @@ def test_metrics_on_a_port_of_their_own(make_settings, tmp_path: Path) -> None:
     with serve(settings, tmp_path) as server:
         httpx.get(f"{server.url}{API}?action=validate-session&token={uuid.uuid4()}")
         assert httpx.get(f"{server.url}/metrics").status_code == 404
-        own = httpx.get(f"http://127.0.0.1:{port}/metrics")
-        assert own.status_code == 200
-        m = scrape(own.text)
-        assert (
-            value(m, "dailyplay_http_requests_total", operation="validate-session", status="404")
-            == 1
-        )
+        # The worker adds its tallies to the shared files once a second (metrics.FLUSH_SECONDS).
+        started = time.monotonic()
+        while True:
+            own = httpx.get(f"http://127.0.0.1:{port}/metrics")
+            assert own.status_code == 200
+            m = scrape(own.text)
+            labels = {"operation": "validate-session", "status": "404"}
+            if value(m, "dailyplay_http_requests_total", **labels) == 1:
+                break
+            assert time.monotonic() - started < 3, own.text
+            time.sleep(0.1)
         assert value(m, "dailyplay_http_requests_total", operation="metrics", status="404") == 1
 
 
@@ -293,3 +300,43 @@ def test_a_taken_metrics_port_stops_serve_with_a_clear_error(make_settings, tmp_
     assert result.returncode == 1
     assert f"cannot listen for metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tallied_observations_flush_to_exactly_what_direct_ones_give() -> None:
+    """Metrics tallies on the request path and adds up in flush(); the result must be what
+    prometheus-client's own observe() and inc() would have made of the same events."""
+    rng = random.Random(7)
+    bounds = metrics_module.LATENCY_BUCKETS
+    # Every bound exactly, just either side of it, zero, past the last bound, and random ones.
+    values = [
+        0.0,
+        1e9,
+        *bounds,
+        *(b * (1 + 1e-9) for b in bounds),
+        *(b * (1 - 1e-9) for b in bounds),
+    ]
+    values += [rng.expovariate(50) for _ in range(2000)]
+    tallied = metrics_module.Metrics()
+    direct_registry = CollectorRegistry()
+    direct = Histogram("commit_seconds", "x", registry=direct_registry, buckets=bounds)
+    direct_waits = Counter("waits", "x", registry=direct_registry)
+    for i, seconds in enumerate(values):
+        tallied.observe_commit(seconds, 3, waited=i % 3 == 0)
+        direct.observe(seconds)
+        if i % 3 == 0:
+            direct_waits.inc()
+
+    def samples(metric: Histogram | Counter) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name.rsplit("_", 1)[-1], s.labels, s.value)
+            for family in metric.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert all(value == 0 for _, _, value in samples(tallied.commit_seconds))  # not yet flushed
+    tallied.flush()
+    tallied.flush()  # a second flush adds nothing twice
+    expected = [(name, labels, pytest.approx(value)) for name, labels, value in samples(direct)]
+    assert samples(tallied.commit_seconds) == expected
+    assert samples(tallied.busy_retries) == samples(direct_waits)
