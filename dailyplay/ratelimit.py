@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.storage import Storage
@@ -33,8 +33,9 @@ log = logging.getLogger("dailyplay.ratelimit")
 SPANS = {"minute": MINUTE_MS, "day": DAY_MS}
 
 
-@dataclass(frozen=True)
-class WindowState:
+class WindowState(NamedTuple):
+    """What a request's X-RateLimit-* headers say (a tuple: made on every counted request)."""
+
     limit: int
     remaining: int
     reset_ms: int  # when the window ends
@@ -105,6 +106,28 @@ class WindowCounters(Storage):
             heapq.heappush(self._expiries, (entry[1], key))
         entry[0] += amount
         return int(entry[0])
+
+    def take(self, windows: tuple[_Window, ...], now_ms: int) -> list[int] | _Window:
+        """One hit counted in every window, or in none of them when one is used up (the
+        fixed-window rule of limits' strategy, as in get() then incr() for each window, with one
+        expiry pass): the counts after the hit, or the window that was used up."""
+        now = time.monotonic()
+        self._expire(now)
+        counts = self._counts
+        for window in windows:
+            entry = counts.get(window.storage_key)
+            if entry is not None and entry[0] >= window.amount:
+                return window
+        used = []
+        for window in windows:
+            key = window.storage_key
+            entry = counts.get(key)
+            if entry is None:
+                entry = counts[key] = [0, now + window.expiry_seconds(now_ms)]
+                heapq.heappush(self._expiries, (entry[1], key))
+            entry[0] += 1
+            used.append(int(entry[0]))
+        return used
 
     def get(self, key: str) -> int:
         self._expire(time.monotonic())
@@ -239,31 +262,32 @@ class KeyRateLimiter:
 
     async def hit(self, key_id: int, per_minute: int, per_day: int, now_ms: int) -> WindowState:
         """Count one request; ApiError 429 (nothing counted) when either window is exhausted."""
-        windows = await self._windows_for(key_id, per_minute, per_day, now_ms)
-        storage = self._storage
-        for window in (windows.minute, windows.day):
-            if storage.get(window.storage_key) >= window.amount:
-                which = "per-minute" if window.span == "minute" else "per-day"
-                raise _too_many(
-                    f"rate limit exceeded: this API key's {which} limit of "
-                    f"{window.amount} requests is used up",
-                    window,
-                    now_ms,
-                    f"key_per_{window.span}",
-                )
-        tightest: WindowState | None = None
-        counted = ((windows.minute, windows.minute_slot), (windows.day, windows.day_slot))
-        for window, slot in counted:
-            used = storage.incr(window.storage_key, window.expiry_seconds(now_ms))
-            entry = self._unflushed.get(slot)
+        windows = self._windows.get(key_id)
+        if windows is None or not windows.current(per_minute, per_day, now_ms):
+            windows = await self._windows_for(key_id, per_minute, per_day, now_ms)
+        minute, day = windows.minute, windows.day
+        used = self._storage.take((minute, day), now_ms)
+        if isinstance(used, _Window):
+            which = "per-minute" if used.span == "minute" else "per-day"
+            raise _too_many(
+                f"rate limit exceeded: this API key's {which} limit of "
+                f"{used.amount} requests is used up",
+                used,
+                now_ms,
+                f"key_per_{used.span}",
+            )
+        unflushed = self._unflushed
+        for window, slot in ((minute, windows.minute_slot), (day, windows.day_slot)):
+            entry = unflushed.get(slot)
             if entry is None:
-                entry = self._unflushed[slot] = _Unflushed(0, window.storage_key, window)
+                entry = unflushed[slot] = _Unflushed(0, window.storage_key, window)
             entry.hits += 1
-            remaining = max(0, window.amount - used)
-            if tightest is None or remaining < tightest.remaining:
-                tightest = WindowState(window.amount, remaining, window.reset_ms)
-        assert tightest is not None
-        return tightest
+        # The window with fewer requests left (the minute's on a tie) sets the headers.
+        minute_left = max(0, minute.amount - used[0])
+        day_left = max(0, day.amount - used[1])
+        if day_left < minute_left:
+            return WindowState(day.amount, day_left, day.reset_ms)
+        return WindowState(minute.amount, minute_left, minute.reset_ms)
 
     def note_used(self, key_id: int, now_ms: int) -> None:
         """Remember that a key was used; stored by the next flush, not per request."""

@@ -4,6 +4,7 @@ windows as the clock moves, driven with explicit clock values."""
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from limits.strategies import FixedWindowRateLimiter
 from dailyplay import config
 from dailyplay.db import Database
 from dailyplay.errors import ApiError
-from dailyplay.ratelimit import KeyRateLimiter, WindowCounters
+from dailyplay.ratelimit import KeyRateLimiter, WindowCounters, _Window
 
 
 def test_counts_per_key_through_the_limits_strategy() -> None:
@@ -31,6 +32,35 @@ def test_counts_per_key_through_the_limits_strategy() -> None:
     stats = limiter.get_window_stats(three, "a", "1")
     assert stats.remaining == 0
     assert time.time() + 55 < stats.reset_time <= time.time() + 60
+
+
+def test_take_decides_and_counts_as_the_limits_strategy_does() -> None:
+    """take(): one hit in every window or, when one is used up, in none (what checking each
+    window with limits' fixed-window strategy, then hitting each, does)."""
+    rng = random.Random(11)
+    now = 1_800_000_000_000
+    ours, theirs = WindowCounters(), WindowCounters()
+    strategy = FixedWindowRateLimiter(theirs)
+    keys = []
+    for subject in ("1", "2", "3"):
+        minute = _Window("minute", rng.randint(1, 8), now, subject)
+        day = _Window("day", rng.randint(1, 12), now, subject)
+        keys.append((subject, minute, day))
+    refused = 0
+    for _ in range(300):
+        subject, minute, day = rng.choice(keys)
+        taken = ours.take((minute, day), now)
+        windows = (minute, day)
+        if all(strategy.test(w.item, *w.identifiers(subject)) for w in windows):
+            assert all(strategy.hit(w.item, *w.identifiers(subject)) for w in windows)
+            assert taken == [theirs.get(w.storage_key) for w in windows]
+        else:
+            refused += 1
+            assert isinstance(taken, _Window) and theirs.get(taken.storage_key) >= taken.amount
+        assert [ours.get(w.storage_key) for w in windows] == [
+            theirs.get(w.storage_key) for w in windows
+        ]
+    assert 0 < refused < 300
 
 
 def test_amounts_add_up_and_clear_forgets() -> None:
