@@ -264,31 +264,55 @@ Work = Callable[[sqlite3.Connection], Any]
 
 
 class WriterLock:
-    """Orders the writers of all worker processes on one database with flock(2).
+    """Orders the writers of all worker processes on one database with flock(2), taking turns.
 
     SQLite's own busy handler sleeps and polls (tails of hundreds of milliseconds when two
     workers write at once); a process blocked in flock is woken the moment the lock is released.
-    It lives in its own file beside the database: closing any descriptor of the database file
-    would drop SQLite's POSIX locks on it.
+    flock is not fair, though: a worker that releases the lock and has more writes queued could
+    take it straight back, again and again, while the other stays blocked (seen: writes waiting
+    0.5-0.9 s with two workers under a mixed load). So a worker about to block first holds a
+    shared lock on a second file, and a worker that finds that file held by someone else does
+    not take the free write lock but queues behind them.
+    The lock files live beside the database: closing any descriptor of the database file would
+    drop SQLite's POSIX locks on it.
     """
 
     def __init__(self, database_path: str):
         self._fd = os.open(f"{database_path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._waiting_fd = os.open(f"{database_path}-writer.wait", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _others_waiting(self) -> bool:
+        try:
+            fcntl.flock(self._waiting_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
+        return False
+
+    def _wait_for_turn(self) -> None:
+        fcntl.flock(self._waiting_fd, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        finally:
+            fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
 
     async def acquire(self) -> bool:
-        """Take the lock; True when another process held it and this one waited."""
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            await asyncio.to_thread(fcntl.flock, self._fd, fcntl.LOCK_EX)
-            return True
-        return False
+        """Take the lock; True when another process held it or was waiting, and this one waited."""
+        if not self._others_waiting():
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                pass
+        await asyncio.to_thread(self._wait_for_turn)
+        return True
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         os.close(self._fd)
+        os.close(self._waiting_fd)
 
 
 # How often the checkpointer copies committed WAL pages into the database file.
