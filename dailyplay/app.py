@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import config
 from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
+from .background import running
 from .clock import now_ms
 from .db import SCHEMA_VERSION, Database
 from .deadlines import Deadlines
@@ -260,14 +261,14 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         # Everything made so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise walk it every few seconds under load (tens of ms each).
         gc.freeze()
-        retention = asyncio.create_task(run_retention(db, settings.sessions.retention_days))
         try:
-            async with flushing(key_limiter), flushing_metrics(metrics):
+            async with (
+                running(run_retention(db, settings.sessions.retention_days)),
+                flushing(key_limiter),
+                flushing_metrics(metrics),
+            ):
                 yield
         finally:
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
             app.state.services.deadlines.close()
             await db.close()
 

@@ -28,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .api import operation_name
+from .background import running
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -257,11 +258,8 @@ async def flushing(metrics: Metrics, interval: float = FLUSH_SECONDS) -> AsyncIt
             except Exception:
                 log.exception("adding up the metrics failed")
 
-    task = asyncio.create_task(run())
     try:
-        yield
+        async with running(run()):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         metrics.flush()

@@ -23,6 +23,7 @@ from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
+from .background import running
 from .clock import DAY_MS, MINUTE_MS
 from .clock import now_ms as current_ms
 from .db import Database
@@ -403,13 +404,10 @@ async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:
 @contextlib.asynccontextmanager
 async def flushing(limiter: KeyRateLimiter, interval: float = 1.0) -> AsyncIterator[None]:
     """Run the flusher in the background; flush once more on the way out."""
-    task = asyncio.create_task(run_flusher(limiter, interval))
     try:
-        yield
+        async with running(run_flusher(limiter, interval)):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         try:
             await limiter.flush(current_ms())
         except Exception:
