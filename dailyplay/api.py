@@ -29,6 +29,7 @@ from .keys import (
     generate_api_key,
     hash_api_key,
     is_well_formed,
+    json_list,
     key_prefix,
 )
 from .logs import note
@@ -240,23 +241,14 @@ async def _readmit(services: Services, request: Request, key: KeyContext, now: i
     """The key decided again on its current row (401/403 if it may no longer create tokens).
     The request stays counted once against its limits, unless they have changed: then it is
     counted under the new ones too (429 past them), as a request arriving now would be."""
-    state = _check_key(
-        request, key.state.key_hash, await _read_key_state(services, key.key_id), now
-    )
     old = key.state
-    rate = key.rate
-    if (state.rate_limit_per_minute, state.rate_limit_per_day) != (
+    state = await _read_key_state(services, key.key_id)
+    if state is not None and (state.rate_limit_per_minute, state.rate_limit_per_day) != (
         old.rate_limit_per_minute,
         old.rate_limit_per_day,
     ):
-        rate = await services.key_limiter.hit(
-            state.key_id, state.rate_limit_per_minute, state.rate_limit_per_day, now
-        )
-    return KeyContext(state, rate, False)
-
-
-def _json_list(text: str | None) -> list[int] | None:
-    return None if text is None else json.loads(text)
+        return await _admit(services, request, old.key_hash, state, now, False)
+    return KeyContext(_check_key(request, old.key_hash, state, now), key.rate, False)
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -297,7 +289,12 @@ KEY_READINGS = 3
 
 
 async def _insert_session(
-    services: Services, request: Request, key: KeyContext, fields: SessionFields, now: int
+    services: Services,
+    request: Request,
+    key: KeyContext,
+    fields: SessionFields,
+    now: int,
+    expires_at: int,
 ) -> tuple[uuid.UUID, KeyContext]:
     """Store a new token for the key, as the key's row is when it is stored; returns the token
     and the key as it was admitted then."""
@@ -316,7 +313,7 @@ async def _insert_session(
                     fields.external_ref,
                     fields.metadata,
                     now,
-                    now + fields.expires_in_minutes * 60_000,
+                    expires_at,
                 ),
                 key.state.row,
             )
@@ -345,7 +342,8 @@ async def create_session(services: Services, request: Request, params: dict[str,
             if key.remembered:
                 await _readmit(services, request, key, now)  # a changed key answers first
             raise
-        token, key = await _insert_session(services, request, key, fields, now)
+        expires_at = now + fields.expires_in_minutes * 60_000
+        token, key = await _insert_session(services, request, key, fields, now, expires_at)
     except ApiError as exc:
         exc.headers = {**headers, **exc.headers}
         raise
@@ -355,7 +353,7 @@ async def create_session(services: Services, request: Request, params: dict[str,
             "token": str(token),
             "game_id": fields.game_id,
             "stream_id": fields.stream_id,
-            "expires_at": iso_from_ms(now + fields.expires_in_minutes * 60_000),
+            "expires_at": iso_from_ms(expires_at),
             "external_ref": fields.external_ref,
         },
         headers=rate_limit_headers(key.rate),
@@ -459,8 +457,8 @@ def api_key_data(row: sqlite3.Row) -> dict[str, Any]:
         "description": row["description"],
         "key_prefix": row["key_prefix"],
         "is_active": bool(row["is_active"]),
-        "allowed_game_ids": _json_list(row["allowed_game_ids"]),
-        "allowed_stream_ids": _json_list(row["allowed_stream_ids"]),
+        "allowed_game_ids": json_list(row["allowed_game_ids"]),
+        "allowed_stream_ids": json_list(row["allowed_stream_ids"]),
         "rate_limit_per_minute": row["rate_limit_per_minute"],
         "rate_limit_per_day": row["rate_limit_per_day"],
         "expires_at": iso_from_ms(row["expires_at"]),
@@ -721,7 +719,7 @@ async def handle_org_api_keys(request: Request) -> Response:
         return await _run_operation(services, request, items)
     except ApiError as exc:
         if exc.kind is not None:
-            action = next((value for name, value in items if name == "action"), None)
+            action = inputs.first_value(items, "action")
             services.metrics.observe_error(operation_name(request.method, action), exc.kind)
         raise
 

@@ -170,6 +170,11 @@ def request_query(scope: Scope) -> list[tuple[str, str]]:
     return items
 
 
+def first_value(items: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of a query parameter among query_items, or None."""
+    return next((value for key, value in items if key == name), None)
+
+
 def query_params(items: list[tuple[str, str]], allowed: Iterable[str]) -> dict[str, str]:
     """Query parameters (query_items) as a dict; 400 for a repeated or an unknown one."""
     params: dict[str, str] = {}

@@ -156,6 +156,11 @@ class _BoundedCache:
         self._entries.pop(key, None)
 
 
+def json_list(text: str | None) -> list[int] | None:
+    """An allow-list column (JSON array text, or NULL for no list) as a list."""
+    return None if text is None else json.loads(text)
+
+
 @dataclass(frozen=True)
 class KeyState:
     """One reading of a key's row and its org's tier (db.KEY_STATE), parsed."""
@@ -174,15 +179,14 @@ class KeyState:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> KeyState:
-        games, streams = row["allowed_game_ids"], row["allowed_stream_ids"]
         return cls(
             row=tuple(row),
             key_id=row["id"],
             org_id=row["org_id"],
             key_hash=row["key_hash"],
             is_active=bool(row["is_active"]),
-            allowed_game_ids=None if games is None else json.loads(games),
-            allowed_stream_ids=None if streams is None else json.loads(streams),
+            allowed_game_ids=json_list(row["allowed_game_ids"]),
+            allowed_stream_ids=json_list(row["allowed_stream_ids"]),
             rate_limit_per_minute=row["rate_limit_per_minute"],
             rate_limit_per_day=row["rate_limit_per_day"],
             expires_at=row["expires_at"],

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .clock import iso_from_ms
-from .inputs import request_query
+from .inputs import first_value, request_query
 
 access_log = logging.getLogger("dailyplay.access")
 
@@ -95,10 +95,10 @@ _ACTION = re.compile(r"[a-z-]{1,40}")
 
 def _operation(items: list[tuple[str, str]]) -> str | None:
     """The query's (inputs.query_items) first `action`, "(invalid)" if it is no action name."""
-    for name, value in items:
-        if name == "action":
-            return value if _ACTION.fullmatch(value) else "(invalid)"
-    return None
+    action = first_value(items, "action")
+    if action is None or _ACTION.fullmatch(action):
+        return action
+    return "(invalid)"
 
 
 class RequestLogMiddleware:
