@@ -78,12 +78,7 @@ def test_an_outside_cancellation_that_meets_an_expiry_is_not_swallowed() -> None
     # with CancelledError (a shutdown must not be turned into a 408).
     async def main() -> None:
         deadlines = Deadlines(RESOLUTION)
-
-        async def body() -> None:
-            with deadlines.bound(0.1):
-                await asyncio.sleep(5)
-
-        task = asyncio.create_task(body())
+        task = asyncio.create_task(bounded_sleep(deadlines, 0.1, 5))
         await asyncio.sleep(0)  # the task enters its block
         time.sleep(0.1 + 2 * RESOLUTION)  # the deadline and the sweep are due
         await asyncio.sleep(0)  # the sweep runs after us in this round of the loop ...
