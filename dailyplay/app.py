@@ -97,43 +97,106 @@ class JsonCORSMiddleware(CORSMiddleware):
         return response
 
 
+class Capacity:
+    """How many requests this worker may have in progress, and how many it has."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+
+
 class ConcurrencyLimit:
-    """At most `limit` requests in progress in this worker; past it, an immediate JSON 503.
+    """At most `capacity.limit` requests in progress in this worker; past it, an immediate
+    JSON 503. Every layer of this kind given the same Capacity counts against it.
 
     Under overload a quick refusal with Retry-After is better than queueing work until
     clients time out and memory grows with the queue.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, capacity: Capacity):
         self.app = app
-        self.limit = limit
-        self.active = 0
+        self.capacity = capacity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        capacity = self.capacity
         # Liveness is answered even at capacity: a busy process is not a dead one.
-        if self.active >= self.limit and scope["path"] != "/healthz":
+        if capacity.active >= capacity.limit and scope["path"] != "/healthz":
             response = error_response(
                 503, "the server is at capacity; try again shortly", {"Retry-After": "1"}
             )
             await response(scope, receive, send)
             return
-        self.active += 1
+        capacity.active += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            capacity.active -= 1
+
+
+# The exception handlers of every route; anything else is an unhandled error (500).
+ERROR_HANDLERS = {
+    ApiError: _api_error,
+    HTTPException: _http_error,
+    sqlite3.OperationalError: _database_error,
+}
+
+
+async def error_answer(request: Request, exc: Exception) -> Response:
+    """The answer for what a handler raised, as Starlette's exception handling would pick it
+    (the handler of the nearest class in the exception's MRO)."""
+    for cls in type(exc).__mro__:
+        handler = ERROR_HANDLERS.get(cls)
+        if handler is not None:
+            return await handler(request, exc)
+    return await _server_error(request, exc)
 
 
 class OrgApiKeysEndpoint:
-    """A plain ASGI endpoint, so that every method reaches the dispatcher, which answers 405
-    with the Allow header of the chosen action (Starlette's would list one set for the path)."""
+    """The API's one route as a plain ASGI endpoint, so that every method reaches the
+    dispatcher, which answers 405 with the Allow header of the chosen action (Starlette's would
+    list one set for the path). What the dispatcher raises is answered here, with the same
+    handlers as every other route."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await handle_org_api_keys(Request(scope, receive))
+        request = Request(scope, receive)
+        try:
+            response = await handle_org_api_keys(request)
+        except Exception as exc:
+            response = await error_answer(request, exc)
         await response(scope, receive, send)
+
+
+API_PATH = "/api/org-api-keys"
+
+
+class DailyPlayApp(Starlette):
+    """Starlette, with the API's route reached directly.
+
+    Every game launch goes through API_PATH, so it skips Starlette's error middleware, its
+    exception middleware and the router, which only pass the request on (3.7 % of
+    validate-session's instructions, and six coroutine frames fewer to resume at each await):
+    OrgApiKeysEndpoint answers what the dispatcher raises itself. The request-id and log,
+    concurrency and CORS layers wrap it as they wrap every other route: same classes, same
+    settings, one shared Capacity. Any other path, and the lifespan, go through the whole
+    Starlette stack.
+    """
+
+    api: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.api is not None
+            and scope["type"] == "http"
+            and scope["path"] == API_PATH
+            and not scope.get("root_path")
+        ):
+            scope["app"] = self
+            await self.api(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 # The reference page runs no scripts and loads nothing from elsewhere.
@@ -231,7 +294,7 @@ def _not_ready(reason: str) -> Response:
     return error_response(503, f"not ready: {reason}", {"Retry-After": "5"})
 
 
-def create_app(settings: config.Settings | None = None) -> Starlette:
+def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
     """The ASGI application for one process; resources open in its lifespan."""
     settings = settings or config.load()
     jwt_verifier = JwtVerifier(settings.auth)  # fails fast on a bad key file
@@ -277,7 +340,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
 
     middleware = [
         Middleware(RequestLogMiddleware, client_ip=logged_client_ip, metrics=observed),
-        Middleware(ConcurrencyLimit, limit=settings.server.max_concurrent_requests),
+        Middleware(ConcurrencyLimit, capacity=Capacity(settings.server.max_concurrent_requests)),
     ]
     if settings.cors.allow_origins:
         middleware.append(
@@ -290,26 +353,27 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
                 max_age=600,
             )
         )
+    endpoint = OrgApiKeysEndpoint()
     routes = [
-        Route("/api/org-api-keys", OrgApiKeysEndpoint()),
+        Route(API_PATH, endpoint),
         *document_routes(settings),
         *health_routes(),
         *sdk_routes(),
     ]
     if settings.metrics.enabled and settings.metrics.port == 0:
         routes += metrics_routes(metrics)
-    app = Starlette(
+    app = DailyPlayApp(
         routes=routes,
         middleware=middleware,
-        exception_handlers={
-            ApiError: _api_error,
-            HTTPException: _http_error,
-            sqlite3.OperationalError: _database_error,
-            Exception: _server_error,
-        },
+        exception_handlers={**ERROR_HANDLERS, Exception: _server_error},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False
+    # The same layers, innermost last, around the endpoint alone.
+    api: ASGIApp = endpoint
+    for layer in reversed(middleware):
+        api = layer.cls(api, *layer.args, **layer.kwargs)
+    app.api = api
     return app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -255,3 +256,29 @@ def test_a_database_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stored(
             blocker.close()
         assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
         assert world.create_session(key).status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_request_id_logged_once(
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault no handler expects (here the database layer raising) is answered in the API's
+    error shape, carries the request id, and is logged once with its traceback; the answer
+    names no detail of it."""
+
+    async def broken(token: bytes) -> None:
+        raise RuntimeError("disk on fire: /var/lib/secret-path")
+
+    monkeypatch.setattr(world.client.app.state.services.db, "get_session", broken)
+    with caplog.at_level(logging.ERROR, logger="dailyplay"):
+        response = world.client.get(
+            f"{API}?action=validate-session&token={uuid.uuid4()}",
+            headers={"x-request-id": "req-500"},
+        )
+    assert_error(response, 500, "internal server error")
+    assert "disk on fire" not in response.text
+    assert response.headers["x-request-id"] == "req-500"
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1, [record.getMessage() for record in errors]
+    assert errors[0].exc_info is not None and "disk on fire" in str(errors[0].exc_info[1])
+    # The process goes on answering.
+    assert world.client.get("/healthz").status_code == 200

@@ -152,6 +152,27 @@ def test_past_max_concurrent_requests_the_answer_is_an_immediate_503(
     assert world.client.get(unknown_token_url()).status_code == 404
 
 
+def test_api_requests_in_progress_count_against_capacity_for_every_path(
+    world: World, api_key: str
+) -> None:
+    """The API's route is reached without the router, but shares the worker's one capacity."""
+
+    def slow_create() -> int:
+        return world.client.post(
+            f"{API}?action=create-session",
+            content=trickle(b'{"game_id": ', 0.8, b"1}"),
+            headers={"x-api-key": api_key, "content-type": "application/json"},
+        ).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(slow_create) for _ in range(2)]
+        time.sleep(0.3)
+        assert_error(world.client.get("/openapi.json"), 503, "at capacity")
+        assert_error(world.client.get("/readyz"), 503, "at capacity")
+        assert [future.result() for future in slow] == [200, 200]
+    assert world.client.get("/openapi.json").status_code == 200
+
+
 # --- timing of key checks -------------------------------------------------------------------------
 
 
