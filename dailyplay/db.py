@@ -10,8 +10,10 @@ Everything else calls the named operations here and never holds SQL of its own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -19,7 +21,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -296,15 +297,16 @@ class WriterLock:
         finally:
             fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
 
-    async def acquire(self) -> bool:
-        """Take the lock; True when another process held it or was waiting, and this one waited."""
+    def acquire(self) -> bool:
+        """Take the lock, blocking until it is this process's turn; True when another process
+        held it or was waiting, and this one waited."""
         if not self._others_waiting():
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return False
             except BlockingIOError:
                 pass
-        await asyncio.to_thread(self._wait_for_turn)
+        self._wait_for_turn()
         return True
 
     def release(self) -> None:
@@ -374,14 +376,106 @@ class Checkpointer:
             conn.close()
 
 
+class WriterThread:
+    """The thread that owns the writing connection and commits the queued writes in groups.
+
+    Callers queue _Write items (submit, from the event loop); the thread takes every write
+    queued so far (at most MAX_GROUP) after taking the write lock, runs them in one transaction
+    and sends the outcomes back to each caller's event loop in one call_soon_threadsafe. A
+    "call" item runs a function on this thread between groups (opening and closing the
+    connection, maintenance), in its place in the queue.
+    """
+
+    def __init__(
+        self,
+        lock: WriterLock,
+        committed: Callable[[], None],
+        observe_commit: Callable[[float, int, bool], None] | None,
+    ):
+        self.conn: sqlite3.Connection | None = None
+        self._lock = lock
+        self._committed = committed
+        self._observe_commit = observe_commit
+        self._queue: collections.deque[_Write] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dailyplay-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, item: _Write) -> None:
+        if self._stopping:
+            raise RuntimeError("database is not open")
+        # deque.append is atomic; the thread clears the event before it looks at the queue, so
+        # an item appended before this set() is always seen.
+        self._queue.append(item)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def stop(self) -> None:
+        """After every queued item has run (blocking; call it from a thread of its own)."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._lock.close()
+
+    def _run(self) -> None:
+        queue = self._queue
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while queue:
+                if queue[0].kind == "call":
+                    item = queue.popleft()
+                    function, args = item.payload
+                    try:
+                        outcome: tuple[bool, Any] = (True, function(*args))
+                    except BaseException as exc:  # the caller gets it; the thread goes on
+                        outcome = (False, exc)
+                    _settle([item], [outcome])
+                else:
+                    self._commit_next_group()
+            if self._stopping and not queue:
+                return
+
+    def _commit_next_group(self) -> None:
+        waited = self._lock.acquire()
+        started = time.perf_counter()
+        group: list[_Write] = []
+        try:
+            # Taken after the lock: writes that came in while waiting join this group.
+            queue = self._queue
+            while queue and len(group) < MAX_GROUP and queue[0].kind != "call":
+                group.append(queue.popleft())
+            assert self.conn is not None
+            outcomes = _commit_writes(self.conn, [(item.kind, item.payload) for item in group])
+        except BaseException as exc:
+            outcomes = [(False, exc)] * len(group)
+        finally:
+            self._lock.release()
+        seconds = time.perf_counter() - started
+        self._committed()
+        observe = self._observe_commit
+        _settle(
+            group,
+            outcomes,
+            None if observe is None else functools.partial(observe, seconds, len(group), waited),
+        )
+
+
 class Database:
     """The service's storage: named async operations over one SQLite file.
 
     Writes go through group commits on one writer thread (the pattern of Datasette's
     `execute_write_fn`): writes that arrive together run in one BEGIN IMMEDIATE transaction with
-    one COMMIT (one fsync under synchronous=FULL), the whole group in one call to the thread, and
-    each caller resumes only after the COMMIT that made its write durable. Reads use a separate
-    read-only connection directly on the event loop.
+    one COMMIT (one fsync under synchronous=FULL), and each caller resumes only after the COMMIT
+    that made its write durable. Reads use a separate read-only connection directly on the
+    event loop.
+
+    The writer thread takes its next group itself as soon as a COMMIT returns (the writes that
+    arrived meanwhile), and hands each group's outcomes back to the event loop in one callback:
+    the loop, busy answering requests, is not a step in the chain from one commit to the next.
     """
 
     def __init__(
@@ -393,47 +487,52 @@ class Database:
         # Told of each group commit: (seconds holding the write lock, writes, waited for it).
         self._observe_commit = observe_commit
         self._writer: sqlite3.Connection | None = None
-        self._writer_thread: ThreadPoolExecutor | None = None
+        self._writer_thread: WriterThread | None = None
         self._reader: sqlite3.Connection | None = None
-        self._pending: list[_Write] = []
-        self._committer: asyncio.Task[None] | None = None
-        self._writer_lock: WriterLock | None = None
         self._checkpointer: Checkpointer | None = None
 
     async def open(self) -> None:
         """Migrate the file, then open the writer (on its thread) and the read-only connection."""
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="dailyplay-writer")
-        # The writing connection is made, used and closed on the writer thread only.
-        self._writer = await self._on_writer_thread(connect, self.settings)
-        # Checkpoints run on their own thread (Checkpointer), not inside this one's COMMITs.
-        await self._on_writer_thread(self._writer.execute, "PRAGMA wal_autocheckpoint = 0")
+        self._writer_thread = WriterThread(
+            WriterLock(self.settings.path), self._committed, self._observe_commit
+        )
+        self._writer_thread.start()
+        try:
+            # The writing connection is made, used and closed on the writer thread only.
+            self._writer = await self._on_writer_thread(connect, self.settings)
+            self._writer_thread.conn = self._writer
+            # Checkpoints run on their own thread (Checkpointer), not inside this one's COMMITs.
+            await self._on_writer_thread(self._writer.execute, "PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            await self.close()
+            raise
         self._checkpointer = Checkpointer(self.settings)
         self._checkpointer.start()
         self._reader = _open(self.settings, read_only=True, busy_timeout_ms=READER_BUSY_TIMEOUT_MS)
-        self._writer_lock = WriterLock(self.settings.path)
 
     async def close(self) -> None:
         """Finish queued writes, checkpoint the WAL into the main file, close both connections."""
-        while self._committer is not None and not self._committer.done():
-            await self._committer
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
             self._checkpointer = None
         if self._reader is not None:
             self._reader.close()
-        if self._writer is not None:
-            await self._on_writer_thread(_checkpoint_and_close, self._writer)
-        if self._writer_thread is not None:
-            self._writer_thread.shutdown(wait=True)
-        if self._writer_lock is not None:
-            self._writer_lock.close()
-        self._reader = self._writer = self._writer_lock = self._writer_thread = None
+        thread = self._writer_thread
+        if thread is not None:
+            # Queued behind every write already waiting: those are committed first.
+            if self._writer is not None:
+                await self._on_writer_thread(_checkpoint_and_close, self._writer)
+            await asyncio.to_thread(thread.stop)
+        self._reader = self._writer = self._writer_thread = None
+
+    def _committed(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
 
     async def _on_writer_thread(self, function: Callable[..., T], *args: Any) -> T:
-        if self._writer_thread is None:
-            raise RuntimeError("database is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer_thread, function, *args)
+        """function(*args) on the writer thread, between group commits."""
+        result: T = await self._enqueue("call", (function, args))
+        return result
 
     async def run_on_writer(self, function: Callable[[sqlite3.Connection], T]) -> T:
         """function(writing connection) on the writer thread, outside any group (tests,
@@ -456,10 +555,10 @@ class Database:
     # --- group commit ----------------------------------------------------------------------------
 
     def _enqueue(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+        if self._writer_thread is None:
+            raise RuntimeError("database is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(kind, payload, future))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_groups())
+        self._writer_thread.submit(_Write(kind, payload, future))
         return future
 
     async def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -467,38 +566,6 @@ class Database:
         that is committed."""
         result: T = await self._enqueue("work", work)
         return result
-
-    async def _commit_groups(self) -> None:
-        lock = self._writer_lock
-        assert lock is not None
-        while self._pending:
-            waited = await lock.acquire()
-            started = time.perf_counter()
-            try:
-                # Taken after the lock: writes that came in while waiting join this group.
-                group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-                await self._commit_group(group)
-            finally:
-                lock.release()
-                if self._checkpointer is not None:
-                    self._checkpointer.committed()
-                if self._observe_commit is not None:
-                    self._observe_commit(time.perf_counter() - started, len(group), waited)
-
-    async def _commit_group(self, group: list[_Write]) -> None:
-        writes = [(item.kind, item.payload) for item in group]
-        try:
-            outcomes = await self._on_writer_thread(_commit_writes, self.writer, writes)
-        except BaseException as exc:
-            _fail(group, exc)
-            raise
-        for item, (succeeded, value) in zip(group, outcomes, strict=True):
-            if item.future.done():  # the caller went away; its write stands or failed anyway
-                continue
-            if succeeded:
-                item.future.set_result(value)
-            else:
-                item.future.set_exception(value)
 
     async def _write_one(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
         """One statement in the next group commit; all RETURNING rows are read inside it."""
@@ -692,13 +759,12 @@ class Database:
 
     async def insert_session(
         self, values: tuple[Any, ...], key_state: tuple[Any, ...] | None = None
-    ) -> int:
+    ) -> None:
         """Insert a token: (token, org_id, api_key_id, game_id, stream_id, external_ref,
-        metadata, created_at, expires_at); returns the session id. With key_state (a
+        metadata, created_at, expires_at); returns once it is committed. With key_state (a
         KEY_STATE row as a tuple) the token is inserted only if the key's row is still exactly
         that inside the transaction; else KeyChanged is raised and nothing is stored."""
-        session_id: int = await self._enqueue("insert_session", (values, key_state))
-        return session_id
+        await self._enqueue("insert_session", (values, key_state))
 
     async def get_session(self, token: bytes) -> sqlite3.Row | None:
         return await self._read_one(
@@ -864,15 +930,41 @@ def audit_entry(row: sqlite3.Row) -> dict[str, Any]:
 class _Write:
     """One caller's write waiting for the next group commit."""
 
-    kind: str  # "work" (payload: a Work), "insert_session" or "consume_session" (values)
+    # "work" (payload: a Work), "insert_session" or "consume_session" (values), or "call"
+    # ((function, args): run between groups)
+    kind: str
     payload: Any
     future: asyncio.Future[Any]
 
 
-def _fail(group: list[_Write], exc: BaseException) -> None:
-    for item in group:
-        if not item.future.done():
-            item.future.set_exception(exc)
+def _settle(
+    group: list[_Write],
+    outcomes: list[tuple[bool, Any]],
+    then: Callable[[], None] | None = None,
+) -> None:
+    """From the writer thread: give each caller its outcome on the caller's event loop (one
+    callback per loop for the whole group); `then` runs first, on the first of those loops."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Write, tuple[bool, Any]]]] = {}
+    for item, outcome in zip(group, outcomes, strict=True):
+        by_loop.setdefault(item.future.get_loop(), []).append((item, outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(_set_outcomes, settled, then)
+        then = None
+
+
+def _set_outcomes(
+    settled: list[tuple[_Write, tuple[bool, Any]]], then: Callable[[], None] | None
+) -> None:
+    if then is not None:
+        then()
+    for item, (succeeded, value) in settled:
+        if item.future.done():  # the caller went away; its write stands or failed anyway
+            continue
+        if succeeded:
+            item.future.set_result(value)
+        else:
+            item.future.set_exception(value)
 
 
 # Same-kind hot writes of one group share a statement; a statement binds at most this many rows.
@@ -919,15 +1011,14 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
     inserts = _admitted(conn, writes, inserts, results)
     for start in range(0, len(inserts), ROWS_PER_STATEMENT):
         chunk = inserts[start : start + ROWS_PER_STATEMENT]
-        rows = conn.execute(
-            INSERT_SESSION_HEAD + ", ".join([SESSION_ROW] * len(chunk)) + " RETURNING token, id",
-            [value for index in chunk for value in writes[index][1][0]],
-        ).fetchall()
-        ids = {bytes(row[0]): int(row[1]) for row in rows}
+        # No RETURNING: each returned row would be one more step, each handing the GIL back
+        # and forth with the busy event loop; callers need only know the insert committed.
         values = [writes[index][1][0] for index in chunk]
+        conn.execute(
+            INSERT_SESSION_HEAD + ", ".join([SESSION_ROW] * len(chunk)),
+            [value for row_values in values for value in row_values],
+        )
         _count_usage(conn, "created", [(v[2], v[7]) for v in values])
-        for index, row_values in zip(chunk, values, strict=True):
-            results[index] = ids[row_values[0]]
     for start in range(0, len(consumes), ROWS_PER_STATEMENT):
         chunk = consumes[start : start + ROWS_PER_STATEMENT]
         rows = conn.execute(

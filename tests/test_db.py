@@ -4,8 +4,10 @@ transaction, and each keeps its own outcome."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import sqlite3
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -49,21 +51,21 @@ def org(settings: config.Settings) -> int:
     return add_org(settings)
 
 
-def test_concurrent_inserts_share_commits_and_each_gets_its_own_id(
+def test_concurrent_inserts_share_commits_and_each_is_stored_once(
     settings: config.Settings, org: int
 ) -> None:
     tokens = [uuid.uuid4().bytes for _ in range(300)]
 
-    async def scenario(database: db.Database, commits: list[str]) -> tuple[list[int], int]:
-        ids = await asyncio.gather(
+    async def scenario(database: db.Database, commits: list[str]) -> int:
+        await asyncio.gather(
             *(database.insert_session(session_values(org, token)) for token in tokens)
         )
-        return list(ids), len(commits)
+        return len(commits)
 
-    ids, commits = run(settings, scenario)
-    stored = dict(sql(settings, "SELECT token, id FROM sessions"))
-    assert [stored[token] for token in tokens] == ids
-    assert len(set(ids)) == 300
+    commits = run(settings, scenario)
+    stored = sql(settings, "SELECT token, id FROM sessions")
+    assert sorted(token for token, _id in stored) == sorted(tokens)
+    assert len({session_id for _token, session_id in stored}) == 300
     assert commits < 10  # 300 writes, a handful of group commits (at most 256 per group)
 
 
@@ -115,7 +117,7 @@ def test_a_failing_write_fails_alone_and_the_rest_of_its_group_commits(
 
     outcomes = run(settings, scenario)
     assert isinstance(outcomes[3], sqlite3.IntegrityError)
-    assert all(isinstance(outcome, int) for i, outcome in enumerate(outcomes) if i != 3)
+    assert all(outcome is None for i, outcome in enumerate(outcomes) if i != 3)
     stored = {token for (token,) in sql(settings, "SELECT token FROM sessions")}
     assert stored == {taken, *fresh}
 
@@ -140,6 +142,81 @@ def test_a_locked_database_fails_every_write_of_the_group_and_stores_nothing(
         blocker.close()
     assert all(isinstance(o, sqlite3.OperationalError) and "locked" in str(o) for o in outcomes)
     assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
+
+
+def test_writes_queued_during_a_commit_are_committed_next_while_the_event_loop_is_busy(
+    settings: config.Settings, org: int
+) -> None:
+    """The writer thread takes its next group itself when the one before it is done: the event
+    loop, busy answering requests, is not a step between one commit and the next."""
+    token = uuid.uuid4().bytes
+
+    def stored() -> bool:
+        with contextlib.closing(sqlite3.connect(settings.database.path)) as conn:
+            return conn.execute("SELECT 1 FROM sessions WHERE token = ?", (token,)).fetchone()
+
+    async def scenario(database: db.Database, commits: list[str]) -> float | None:
+        busy = threading.Event()
+
+        def occupy_writer(conn: sqlite3.Connection) -> None:
+            busy.set()
+            time.sleep(0.3)
+
+        occupied = asyncio.ensure_future(database.run_on_writer(occupy_writer))
+        await asyncio.to_thread(busy.wait, 5)
+        insert = asyncio.ensure_future(database.insert_session(session_values(org, token)))
+        await asyncio.sleep(0)  # the insert is queued behind the writer's current work
+        assert not stored()
+        # Now the loop does not come back for 2 s (as when it is busy with other requests).
+        blocked_at = time.monotonic()
+        seen_after = None
+        while time.monotonic() - blocked_at < 2.0:
+            if stored():
+                seen_after = time.monotonic() - blocked_at
+                break
+            time.sleep(0.01)
+        await asyncio.gather(occupied, insert)
+        return seen_after
+
+    seen_after = run(settings, scenario)
+    assert seen_after is not None, "the queued write waited for the event loop"
+    assert seen_after < 1.0
+
+
+def test_close_commits_every_write_queued_before_it(settings: config.Settings, org: int) -> None:
+    tokens = [uuid.uuid4().bytes for _ in range(50)]
+
+    async def main() -> list[Any]:
+        database = db.Database(settings.database)
+        await database.open()
+        writes = [
+            asyncio.ensure_future(database.insert_session(session_values(org, token)))
+            for token in tokens
+        ]
+        await asyncio.sleep(0)  # all of them queued, none committed yet
+        await database.close()
+        return await asyncio.gather(*writes, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert outcomes == [None] * len(tokens)
+    assert sorted(t for (t,) in sql(settings, "SELECT token FROM sessions")) == sorted(tokens)
+
+
+def test_an_error_in_work_on_the_writer_reaches_its_caller_and_the_writer_goes_on(
+    settings: config.Settings, org: int
+) -> None:
+    token = uuid.uuid4().bytes
+
+    async def scenario(database: db.Database, commits: list[str]) -> BaseException | None:
+        failed = await asyncio.gather(
+            database.run_on_writer(lambda conn: 1 // 0), return_exceptions=True
+        )
+        await database.insert_session(session_values(org, token))
+        return failed[0]
+
+    error = run(settings, scenario)
+    assert isinstance(error, ZeroDivisionError)
+    assert sql(settings, "SELECT count(*) FROM sessions WHERE token = ?", (token,)) == [(1,)]
 
 
 def test_commits_leave_checkpoints_to_the_checkpointer_which_copies_them_soon(
@@ -178,23 +255,20 @@ def _take_turns(path: str, seconds: float, results: Any) -> None:
     """In a process of its own: take the writer lock again and again, holding it for 2 ms of
     CPU each time, straight back after each release."""
 
-    async def main() -> tuple[int, float]:
-        lock = db.WriterLock(path)
-        turns, longest = 0, 0.0
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            asked = time.monotonic()
-            await lock.acquire()
-            longest = max(longest, time.monotonic() - asked)
-            turns += 1
-            busy_until = time.monotonic() + 0.002
-            while time.monotonic() < busy_until:  # working, as a group commit does
-                pass
-            lock.release()
-        lock.close()
-        return turns, longest
-
-    results.put(asyncio.run(main()))
+    lock = db.WriterLock(path)
+    turns, longest = 0, 0.0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        asked = time.monotonic()
+        lock.acquire()
+        longest = max(longest, time.monotonic() - asked)
+        turns += 1
+        busy_until = time.monotonic() + 0.002
+        while time.monotonic() < busy_until:  # working, as a group commit does
+            pass
+        lock.release()
+    lock.close()
+    results.put((turns, longest))
 
 
 def _burn(seconds: float) -> None:
