@@ -439,21 +439,31 @@ class WriterThread:
             if self._stopping and not queue:
                 return
 
-    def _commit_next_group(self) -> None:
-        waited = self._lock.acquire()
-        started = time.perf_counter()
+    def _take_group(self) -> list[_Write]:
         group: list[_Write] = []
+        queue = self._queue
+        while queue and len(group) < MAX_GROUP and queue[0].kind != "call":
+            group.append(queue.popleft())
+        return group
+
+    def _commit_next_group(self) -> None:
+        group: list[_Write] = []
+        locked = waited = False
+        started = time.perf_counter()
         try:
+            waited = self._lock.acquire()
+            locked = True
+            started = time.perf_counter()
             # Taken after the lock: writes that came in while waiting join this group.
-            queue = self._queue
-            while queue and len(group) < MAX_GROUP and queue[0].kind != "call":
-                group.append(queue.popleft())
+            group = self._take_group()
             assert self.conn is not None
             outcomes = _commit_writes(self.conn, [(item.kind, item.payload) for item in group])
-        except BaseException as exc:
+        except BaseException as exc:  # every caller of the group gets it; the thread goes on
+            group = group or self._take_group()  # the lock failed: these writes fail with it
             outcomes = [(False, exc)] * len(group)
         finally:
-            self._lock.release()
+            if locked:
+                self._lock.release()
         seconds = time.perf_counter() - started
         self._committed()
         observe = self._observe_commit

@@ -219,6 +219,42 @@ def test_an_error_in_work_on_the_writer_reaches_its_caller_and_the_writer_goes_o
     assert sql(settings, "SELECT count(*) FROM sessions WHERE token = ?", (token,)) == [(1,)]
 
 
+def test_a_write_lock_that_cannot_be_taken_fails_the_waiting_writes_and_the_writer_goes_on(
+    settings: config.Settings, org: int
+) -> None:
+    failing, later = uuid.uuid4().bytes, uuid.uuid4().bytes
+
+    async def main() -> BaseException | None:
+        database = db.Database(settings.database)
+        await database.open()
+        lock = database._writer_thread._lock  # type: ignore[union-attr]
+        take = lock.acquire
+        calls = 0
+
+        def acquire_failing_once() -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError(5, "Input/output error")
+            return take()
+
+        lock.acquire = acquire_failing_once  # type: ignore[method-assign]
+        # Every wait is bounded: a writer thread that died would leave them waiting for ever.
+        try:
+            outcome = await asyncio.gather(
+                asyncio.wait_for(database.insert_session(session_values(org, failing)), 5),
+                return_exceptions=True,
+            )
+            await asyncio.wait_for(database.insert_session(session_values(org, later)), 5)
+        finally:
+            await asyncio.wait_for(database.close(), 5)
+        return outcome[0]
+
+    error = asyncio.run(main())
+    assert isinstance(error, OSError)
+    assert sql(settings, "SELECT token FROM sessions") == [(later,)]
+
+
 def test_commits_leave_checkpoints_to_the_checkpointer_which_copies_them_soon(
     settings: config.Settings, org: int, tmp_path
 ) -> None:
