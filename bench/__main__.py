@@ -339,20 +339,36 @@ def summarize_soak(
     seconds: int, load: dict[str, Any], samples: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Growth is judged on the second half of the run: the first fills SQLite's page caches
-    (64 MiB per connection, by design) and Python's pools."""
+    (64 MiB per connection, by design) and Python's pools. It is a robust slope over every
+    sample of that half, so a single high or low sample at either end cannot hide a steady
+    climb or invent one."""
     settled = [s for s in samples if s["t_s"] >= seconds / 2] or samples
-    minutes = max((settled[-1]["t_s"] - settled[0]["t_s"]) / 60, 1 / 60)
-    anon_first, anon_last = settled[0]["RssAnon"], settled[-1]["RssAnon"]
     return {
         "seconds": seconds,
         "load": load,
         "samples": samples,
-        "anon_mb_settled": round(anon_first / 1024, 1),
-        "anon_mb_end": round(anon_last / 1024, 1),
+        "anon_mb_settled": round(settled[0]["RssAnon"] / 1024, 1),
+        "anon_mb_end": round(settled[-1]["RssAnon"] / 1024, 1),
         "anon_mb_max": round(max(s["RssAnon"] for s in samples) / 1024, 1),
-        "anon_mb_per_minute": round((anon_last - anon_first) / 1024 / minutes, 2),
+        "anon_mb_per_minute": round(mb_per_minute([(s["t_s"], s["RssAnon"]) for s in settled]), 2),
         "file_mb_end": round(settled[-1]["RssFile"] / 1024, 1),
     }
+
+
+def mb_per_minute(points: list[tuple[float, float]]) -> float:
+    """Slope of (seconds, KiB) points in MB per minute: the median of the slopes between every
+    two points (Theil-Sen), which one odd sample cannot move; 0 for fewer than two times."""
+    slopes = sorted(
+        (kb2 - kb1) / (t2 - t1)
+        for i, (t1, kb1) in enumerate(points)
+        for t2, kb2 in points[i + 1 :]
+        if t2 != t1
+    )
+    if not slopes:
+        return 0.0
+    middle = len(slopes) // 2
+    slope = slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
+    return slope * 60 / 1024
 
 
 def print_soak(entry: dict[str, Any]) -> None:

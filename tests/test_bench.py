@@ -78,3 +78,17 @@ def test_the_rate_limiter_benchmark_compares_storages() -> None:
     found = json.loads(result.stdout)
     for storage in ("limits MemoryStorage", "dailyplay WindowCounters"):
         assert set(found["us_per_hit"][storage]) == {"1", "100"}
+
+
+def test_the_soak_reports_a_steady_climb_that_one_sample_would_hide() -> None:
+    from bench.__main__ import summarize_soak
+
+    # 0.3 MiB every 30 s over the second half, with the first sample of that half as high as
+    # the last: comparing the two would say 0.0 MB/min.
+    samples = [{"t_s": t, "RssAnon": 100_000 + 10 * t, "RssFile": 1} for t in range(30, 601, 30)]
+    samples[9]["RssAnon"] = samples[-1]["RssAnon"]  # t = 300 s
+    grows = summarize_soak(600, {}, samples)["anon_mb_per_minute"]
+    assert 0.45 <= grows <= 0.75, grows
+    flat = [{"t_s": t, "RssAnon": 100_000, "RssFile": 1} for t in range(30, 601, 30)]
+    flat[9]["RssAnon"] = 120_000  # one high sample, then back
+    assert abs(summarize_soak(600, {}, flat)["anon_mb_per_minute"]) < 0.2
