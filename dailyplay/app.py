@@ -172,6 +172,33 @@ class OrgApiKeysEndpoint:
 API_PATH = "/api/org-api-keys"
 
 
+class DailyPlayApp(Starlette):
+    """Starlette, with the API's route reached directly.
+
+    Every game launch goes through API_PATH, so it skips Starlette's error middleware, its
+    exception middleware and the router, which only pass the request on (3.7 % of
+    validate-session's instructions, and six coroutine frames fewer to resume at each await):
+    OrgApiKeysEndpoint answers what the dispatcher raises itself. The request-id and log,
+    concurrency and CORS layers wrap it as they wrap every other route: same classes, same
+    settings, one shared Capacity. Any other path, and the lifespan, go through the whole
+    Starlette stack.
+    """
+
+    api: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.api is not None
+            and scope["type"] == "http"
+            and scope["path"] == API_PATH
+            and not scope.get("root_path")
+        ):
+            scope["app"] = self
+            await self.api(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 # The reference page runs no scripts and loads nothing from elsewhere.
 DOCS_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'",
@@ -267,7 +294,7 @@ def _not_ready(reason: str) -> Response:
     return error_response(503, f"not ready: {reason}", {"Retry-After": "5"})
 
 
-def create_app(settings: config.Settings | None = None) -> Starlette:
+def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
     """The ASGI application for one process; resources open in its lifespan."""
     settings = settings or config.load()
     jwt_verifier = JwtVerifier(settings.auth)  # fails fast on a bad key file
@@ -326,21 +353,27 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
                 max_age=600,
             )
         )
+    endpoint = OrgApiKeysEndpoint()
     routes = [
-        Route(API_PATH, OrgApiKeysEndpoint()),
+        Route(API_PATH, endpoint),
         *document_routes(settings),
         *health_routes(),
         *sdk_routes(),
     ]
     if settings.metrics.enabled and settings.metrics.port == 0:
         routes += metrics_routes(metrics)
-    app = Starlette(
+    app = DailyPlayApp(
         routes=routes,
         middleware=middleware,
         exception_handlers={**ERROR_HANDLERS, Exception: _server_error},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False
+    # The same layers, innermost last, around the endpoint alone.
+    api: ASGIApp = endpoint
+    for layer in reversed(middleware):
+        api = layer.cls(api, *layer.args, **layer.kwargs)
+    app.api = api
     return app
 
 

@@ -155,7 +155,7 @@ def test_past_max_concurrent_requests_the_answer_is_an_immediate_503(
 def test_api_requests_in_progress_count_against_capacity_for_every_path(
     world: World, api_key: str
 ) -> None:
-    """API requests in progress count against the worker's one capacity, as every path does."""
+    """The API's route is reached without the router, but shares the worker's one capacity."""
 
     def slow_create() -> int:
         return world.client.post(
