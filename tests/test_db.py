@@ -332,4 +332,6 @@ def test_two_processes_that_write_all_the_time_take_turns(tmp_path: Path) -> Non
         process.join(timeout=10)
     (turns_a, longest_a), (turns_b, longest_b) = outcomes
     assert min(turns_a, turns_b) > 0.3 * (turns_a + turns_b), outcomes
-    assert max(longest_a, longest_b) < 0.1, outcomes
+    # Starvation was 0.5-0.9 s; with four busy processes on two cores a wait can also catch a
+    # stall of the whole machine (both workers once waited 0.11 s at the same moment in CI).
+    assert max(longest_a, longest_b) < 0.3, outcomes
