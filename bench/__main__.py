@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -358,17 +359,13 @@ def summarize_soak(
 def mb_per_minute(points: list[tuple[float, float]]) -> float:
     """Slope of (seconds, KiB) points in MB per minute: the median of the slopes between every
     two points (Theil-Sen), which one odd sample cannot move; 0 for fewer than two times."""
-    slopes = sorted(
+    slopes = [
         (kb2 - kb1) / (t2 - t1)
         for i, (t1, kb1) in enumerate(points)
         for t2, kb2 in points[i + 1 :]
         if t2 != t1
-    )
-    if not slopes:
-        return 0.0
-    middle = len(slopes) // 2
-    slope = slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
-    return slope * 60 / 1024
+    ]
+    return statistics.median(slopes) * 60 / 1024 if slopes else 0.0
 
 
 def print_soak(entry: dict[str, Any]) -> None:
