@@ -8,6 +8,7 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -295,7 +296,7 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
             name = f"DAILYPLAY_{section.upper()}_{key.upper()}"
             os.environ[name] = json.dumps(value) if isinstance(value, list) else str(value)
     server = settings.server
-    with metrics_files() as metrics_directory:
+    with exit_cleanly_on_sigterm(), metrics_files() as metrics_directory:
         listener = start_metrics_listener(settings.metrics, metrics_directory)
         try:
             if announce:
@@ -320,6 +321,25 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
             if listener is not None:
                 listener.shutdown()
                 listener.server_close()
+
+
+@contextlib.contextmanager
+def exit_cleanly_on_sigterm() -> Iterator[None]:
+    """SIGTERM ends the command with status 0, after its `finally` blocks and context managers.
+
+    uvicorn catches SIGTERM, shuts down gracefully, then raises the signal again under the
+    handler that was in place before it started. Under the default handler that killed the
+    process there, so with one worker the metrics directory was never removed and the exit
+    status said "killed by SIGTERM"; with several workers the command already exited 0."""
+
+    def stop(signum: int, frame: Any) -> NoReturn:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # prometheus-client's multiprocess switch; named here, as importing dailyplay.metrics (and so

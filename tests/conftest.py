@@ -296,8 +296,11 @@ def serve(
         settings.replace("server", port=port, workers=workers), tmp_path / f"serve-{port}.toml"
     )
     log_path = tmp_path / f"serve-{port}.log"
+    scratch = tmp_path / f"serve-{port}-tmp"  # what a server killed with -9 leaves behind
+    scratch.mkdir()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")},
+        "TMPDIR": str(scratch),
         **(env or {}),
     }
     with log_path.open("wb") as log:
