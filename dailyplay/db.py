@@ -93,6 +93,8 @@ def _connection_pragmas(
     ]
     if read_only:
         pragmas.append("PRAGMA query_only = ON")
+    else:
+        pragmas.append(f"PRAGMA journal_size_limit = {int(WAL_FILE_LIMIT_BYTES)}")
     return pragmas
 
 
@@ -321,6 +323,13 @@ class WriterLock:
 CHECKPOINT_INTERVAL_SECONDS = 0.25
 # WAL frames left un-copied after a checkpoint that are worth a warning (about 40 MB).
 WAL_WARN_FRAMES = 10_000
+# A WAL this long, all copied, is started over: the writer finishes the checkpoint between two
+# groups (Checkpointer). 4,096 frames of 4 KiB pages is about 16 MiB: a few seconds of writes at
+# full speed.
+WAL_RESTART_FRAMES = 4096
+# PRAGMA journal_size_limit: when the log starts over, its file is cut back to this size (after
+# a long reader, such as a backup, let it grow); SQLite reuses the file up to it.
+WAL_FILE_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class Checkpointer:
@@ -333,10 +342,20 @@ class Checkpointer:
     the writer) every CHECKPOINT_INTERVAL_SECONDS while there are new commits. A checkpoint that
     cannot finish (a long reader, such as a backup) is retried next time; the WAL is logged if it
     stays large.
+
+    Copying is not enough to keep the WAL short: SQLite starts the log over from its first frame
+    only when a write transaction begins with every frame already copied, and under writes that
+    never pause new frames are always appended while this thread copies. The -wal file then grew
+    without end (about 1 GB a minute under the benchmark's mixed load), and with it the memory
+    each checkpoint takes (an index of every frame), which fragmented this thread's heap. So once
+    a pass has copied a log of WAL_RESTART_FRAMES or more, finish_checkpoint (the writer's) is
+    asked to copy the last few frames between two groups, holding the write lock; the next write
+    then starts the log over.
     """
 
-    def __init__(self, settings: DatabaseSettings):
+    def __init__(self, settings: DatabaseSettings, finish_checkpoint: Callable[[], None]):
         self._settings = settings
+        self._finish_checkpoint = finish_checkpoint
         self._stop = threading.Event()
         self._commits = 0  # bumped by the writer after each commit
         self._thread = threading.Thread(target=self._run, name="dailyplay-checkpoint", daemon=True)
@@ -367,6 +386,8 @@ class Checkpointer:
                 except sqlite3.Error as exc:
                     log.warning("WAL checkpoint failed; will retry: %s", exc)
                     continue
+                if frames >= WAL_RESTART_FRAMES and copied == frames:
+                    self._finish_checkpoint()
                 if frames - copied > WAL_WARN_FRAMES:
                     log.warning(
                         "the WAL holds %d pages not yet copied into the database file "
@@ -399,6 +420,7 @@ class WriterThread:
         self._queue: collections.deque[_Write] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
+        self._checkpoint_due = False
         self._thread = threading.Thread(target=self._run, name="dailyplay-writer", daemon=True)
 
     def start(self) -> None:
@@ -413,6 +435,12 @@ class WriterThread:
         if not self._wake.is_set():
             self._wake.set()
 
+    def finish_checkpoint(self) -> None:
+        """From any thread: before its next group, this thread checkpoints (PASSIVE) holding the
+        write lock, so that no frame is appended between that checkpoint and the next write."""
+        self._checkpoint_due = True
+        self._wake.set()
+
     def stop(self) -> None:
         """After every queued item has run (blocking; call it from a thread of its own)."""
         self._stopping = True
@@ -425,7 +453,11 @@ class WriterThread:
         while True:
             self._wake.wait()
             self._wake.clear()
+            if self._checkpoint_due:
+                self._checkpoint()
             while queue:
+                if self._checkpoint_due:
+                    self._checkpoint()
                 if queue[0].kind == "call":
                     item = queue.popleft()
                     function, args = item.payload
@@ -438,6 +470,20 @@ class WriterThread:
                     self._commit_next_group()
             if self._stopping and not queue:
                 return
+
+    def _checkpoint(self) -> None:
+        self._checkpoint_due = False
+        if self.conn is None:
+            return
+        try:
+            self._lock.acquire()
+            try:
+                # Busy (another checkpoint running) is reported in the row, not raised.
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                self._lock.release()
+        except (sqlite3.Error, OSError) as exc:  # the checkpointer asks again
+            log.warning("WAL checkpoint failed; will retry: %s", exc)
 
     def _take_group(self) -> list[_Write]:
         group: list[_Write] = []
@@ -516,7 +562,7 @@ class Database:
         except BaseException:
             await self.close()
             raise
-        self._checkpointer = Checkpointer(self.settings)
+        self._checkpointer = Checkpointer(self.settings, self._writer_thread.finish_checkpoint)
         self._checkpointer.start()
         self._reader = _open(self.settings, read_only=True, busy_timeout_ms=READER_BUSY_TIMEOUT_MS)
 

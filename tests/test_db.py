@@ -287,6 +287,112 @@ def test_commits_leave_checkpoints_to_the_checkpointer_which_copies_them_soon(
     assert found == len(tokens)
 
 
+def _wal_header(path: Path) -> tuple[int, int]:
+    """(the WAL file's size, its checkpoint sequence number): SQLite adds one to the number each
+    time the log starts over from its first frame."""
+    wal = path.with_name(path.name + "-wal")
+    with contextlib.suppress(FileNotFoundError), wal.open("rb") as f:
+        header = f.read(32)
+        if len(header) == 32:
+            return wal.stat().st_size, int.from_bytes(header[12:16], "big")
+    return 0, 0
+
+
+def test_under_writes_that_never_pause_the_wal_still_starts_over(
+    settings: config.Settings, org: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite starts the log over only when a write begins with every frame already copied
+    into the database file. The checkpointer copies while writes go on, so under a load that
+    never pauses that moment never came: the -wal file grew by about 1 GB a minute (the
+    benchmark's mixed workload) and the checkpointer's memory with it. Past WAL_RESTART_FRAMES
+    the writer finishes the checkpoint between two groups, so the next write starts over."""
+    monkeypatch.setattr(db, "WAL_RESTART_FRAMES", 200, raising=False)
+    path = Path(settings.database.path)
+    seconds = 4.0
+
+    async def scenario(database: db.Database, commits: list[str]) -> tuple[int, list[Any]]:
+        stored = 0
+        samples: list[tuple[int, int]] = []
+        end = time.monotonic() + seconds
+
+        async def write() -> None:
+            nonlocal stored
+            while time.monotonic() < end:
+                await database.insert_session(session_values(org, uuid.uuid4().bytes))
+                stored += 1
+
+        async def read() -> None:
+            while time.monotonic() < end:
+                await database.get_session(uuid.uuid4().bytes)
+                await asyncio.sleep(0)
+
+        async def watch() -> None:
+            while time.monotonic() < end:
+                samples.append(_wal_header(path))
+                await asyncio.sleep(0.1)
+
+        await asyncio.gather(*(write() for _ in range(32)), read(), watch())
+        return stored, samples
+
+    stored, samples = run(settings, scenario)
+    restarts = samples[-1][1] - samples[0][1]
+    largest = max(size for size, _ in samples)
+    assert sql(settings, "SELECT count(*) FROM sessions") == [(stored,)]
+    assert stored > 2000, stored  # the writes never paused for long
+    # About one start-over per checkpointer pass (every 0.25 s); before, none in most runs.
+    assert restarts >= 5, (restarts, samples)
+    # The file stops growing: it holds what is written between two passes, not everything.
+    assert largest < 0.4 * stored * 4096, (largest, stored)
+
+
+def test_a_wal_grown_behind_a_long_reader_is_cut_back_once_it_can_start_over(
+    settings: config.Settings, org: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that keeps one snapshot (a backup, a slow report) stops checkpoints short, and
+    the -wal file grows meanwhile; once it is gone and the log starts over, the file is cut
+    back to WAL_FILE_LIMIT_BYTES instead of keeping its largest size for good."""
+    limit = 1024 * 1024
+    monkeypatch.setattr(db, "WAL_RESTART_FRAMES", 200, raising=False)
+    monkeypatch.setattr(db, "WAL_FILE_LIMIT_BYTES", limit, raising=False)
+    path = Path(settings.database.path)
+
+    async def scenario(database: db.Database, commits: list[str]) -> tuple[int, int, int]:
+        stored = 0
+
+        async def write(count: int) -> None:
+            nonlocal stored
+            await asyncio.gather(
+                *(
+                    database.insert_session(session_values(org, uuid.uuid4().bytes))
+                    for _ in range(count)
+                )
+            )
+            stored += count
+
+        long_reader = sqlite3.connect(path, isolation_level=None)
+        long_reader.execute("BEGIN")
+        long_reader.execute("SELECT count(*) FROM sessions").fetchone()
+        for _ in range(10):
+            await write(1000)
+        await asyncio.sleep(0.6)  # checkpoints ran, and stopped at the reader's snapshot
+        grown, _ = _wal_header(path)
+        long_reader.execute("COMMIT")
+        long_reader.close()
+        size = grown
+        for _ in range(60):  # up to 3 s
+            await write(20)
+            await asyncio.sleep(0.05)
+            size, _ = _wal_header(path)
+            if size <= limit:
+                break
+        return stored, grown, size
+
+    stored, grown, size = run(settings, scenario)
+    assert sql(settings, "SELECT count(*) FROM sessions") == [(stored,)]
+    assert grown > 4 * limit, grown
+    assert size <= limit, (grown, size)
+
+
 def _take_turns(path: str, seconds: float, results: Any) -> None:
     """In a process of its own: take the writer lock again and again, holding it for 2 ms of
     CPU each time, straight back after each release."""
