@@ -316,12 +316,20 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     write_config(instance.settings, instance.config_path)
     samples: list[dict[str, Any]] = []
     stop = threading.Event()
+    wal = Path(f"{instance.settings.database.path}-wal")
     with running(serve_command(instance), port, "/openapi.json", work / "servers.log") as server:
 
         def sample() -> None:
             started = time.monotonic()
             while not stop.wait(args.soak_interval):
-                samples.append({"t_s": round(time.monotonic() - started), **server.memory_kb()})
+                wal_kb = wal.stat().st_size // 1024 if wal.exists() else 0
+                samples.append(
+                    {
+                        "t_s": round(time.monotonic() - started),
+                        **server.memory_kb(),
+                        "wal_kb": wal_kb,
+                    }
+                )
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -353,6 +361,9 @@ def summarize_soak(
         "anon_mb_max": round(max(s["RssAnon"] for s in samples) / 1024, 1),
         "anon_mb_per_minute": round(mb_per_minute([(s["t_s"], s["RssAnon"]) for s in settled]), 2),
         "file_mb_end": round(settled[-1]["RssFile"] / 1024, 1),
+        # The -wal file: it must stop growing too (SQLite starts the log over).
+        "wal_mb_max": round(max(s.get("wal_kb", 0) for s in samples) / 1024, 1),
+        "wal_mb_end": round(settled[-1].get("wal_kb", 0) / 1024, 1),
     }
 
 
@@ -381,6 +392,7 @@ def print_soak(entry: dict[str, Any]) -> None:
         " over the second half);"
         f" database pages mapped (RssFile) {entry['file_mb_end']} MB"
     )
+    print(f"  -wal file {entry['wal_mb_end']} MB at the end (max {entry['wal_mb_max']} MB)")
 
 
 def print_table(results: dict[str, Any]) -> None:

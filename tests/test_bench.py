@@ -63,6 +63,7 @@ def test_the_memory_soak_samples_the_server_as_it_runs(tmp_path: Path) -> None:
     assert soak["load"]["rps"] > 0 and soak["load"]["socket_errors"] == 0
     assert len(soak["samples"]) >= 4
     assert all(sample["RssAnon"] > 0 for sample in soak["samples"])
+    assert soak["wal_mb_max"] > 0  # the -wal file is sampled beside the memory
     assert "heap (RssAnon)" in result.stdout
 
 
