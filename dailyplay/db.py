@@ -266,16 +266,26 @@ READER_BUSY_TIMEOUT_MS = 200
 Work = Callable[[sqlite3.Connection], Any]
 
 
+# How long a worker that released the write lock while another was waiting holds back from
+# taking it again, at most, so that the other has its turn (WriterLock).
+HANDOVER_SECONDS = 0.02
+
+
 class WriterLock:
     """Orders the writers of all worker processes on one database with flock(2), taking turns.
 
     SQLite's own busy handler sleeps and polls (tails of hundreds of milliseconds when two
     workers write at once); a process blocked in flock is woken the moment the lock is released.
-    flock is not fair, though: a worker that releases the lock and has more writes queued could
-    take it straight back, again and again, while the other stays blocked (seen: writes waiting
-    0.5-0.9 s with two workers under a mixed load). So a worker about to block first holds a
-    shared lock on a second file, and a worker that finds that file held by someone else does
-    not take the free write lock but queues behind them.
+    flock is not fair, though: a released lock goes to whoever asks first, and the worker that
+    released it, still running, usually asks again before the woken one has run. A worker with
+    more writes queued could so take it back again and again while the other stayed blocked
+    (seen: writes waiting 0.5-0.9 s with two workers under a mixed load). So:
+    - a worker about to block first holds a shared lock on a second file (`-writer.wait`), and a
+      worker that finds that file held by someone else does not take the free write lock but
+      queues behind them;
+    - every holder counts its turn in the lock file, and a worker that released the lock while
+      another was waiting does not take it again until the count has moved on (the other has
+      had its turn), or HANDOVER_SECONDS have passed (the other is not running).
     The lock files live beside the database: closing any descriptor of the database file would
     drop SQLite's POSIX locks on it.
     """
@@ -283,6 +293,10 @@ class WriterLock:
     def __init__(self, database_path: str):
         self._fd = os.open(f"{database_path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._waiting_fd = os.open(f"{database_path}-writer.wait", os.O_RDWR | os.O_CREAT, 0o600)
+        self._turn = 0
+        # The turn count when this worker released the lock with another waiting, until the
+        # other has had its turn.
+        self._handed_over: int | None = None
 
     def _others_waiting(self) -> bool:
         try:
@@ -299,19 +313,41 @@ class WriterLock:
         finally:
             fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
 
+    def _last_turn(self) -> int:
+        return int.from_bytes(os.pread(self._fd, 8, 0), "little")
+
+    def _let_the_other_go_first(self) -> None:
+        handed_over, self._handed_over = self._handed_over, None
+        deadline = time.monotonic() + HANDOVER_SECONDS
+        while (
+            self._last_turn() == handed_over
+            and self._others_waiting()
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.0001)
+
     def acquire(self) -> bool:
         """Take the lock, blocking until it is this process's turn; True when another process
         held it or was waiting, and this one waited."""
+        waited = self._handed_over is not None
+        if waited:
+            self._let_the_other_go_first()
         if not self._others_waiting():
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return False
             except BlockingIOError:
-                pass
-        self._wait_for_turn()
-        return True
+                self._wait_for_turn()
+                waited = True
+        else:
+            self._wait_for_turn()
+            waited = True
+        self._turn = self._last_turn() + 1
+        os.pwrite(self._fd, self._turn.to_bytes(8, "little"), 0)
+        return waited
 
     def release(self) -> None:
+        if self._others_waiting():
+            self._handed_over = self._turn
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:

@@ -413,6 +413,62 @@ def _take_turns(path: str, seconds: float, results: Any) -> None:
     results.put((turns, longest))
 
 
+def _wait_each_round(path: str, rounds: int, asking: Any, done: Any, go: Any, log: str) -> None:
+    """In a process of its own: each round, ask for the writer lock (blocking behind the other
+    process), note the turn in the log, release, then wait to be told to ask again."""
+    lock = db.WriterLock(path)
+    for _ in range(rounds):
+        asking.set()
+        lock.acquire()
+        with open(log, "a") as f:
+            f.write("waiter\n")
+        lock.release()
+        done.set()
+        go.wait(30)
+        go.clear()
+    lock.close()
+
+
+def test_a_writer_that_releases_the_lock_while_another_waits_lets_it_go_first(
+    tmp_path: Path,
+) -> None:
+    """The hand-over itself, round after round: this process holds the lock while the other
+    blocks on it, releases it and at once asks again. With flock alone the releasing process
+    took it straight back in nearly every round; the other must have its turn first."""
+    rounds = 60
+    context = multiprocessing.get_context("spawn")
+    asking, done, go = context.Event(), context.Event(), context.Event()
+    path, log = str(tmp_path / "turns.db"), str(tmp_path / "turns.log")
+    Path(log).touch()
+    lock = db.WriterLock(path)
+    lock.acquire()
+    waiter = context.Process(target=_wait_each_round, args=(path, rounds, asking, done, go, log))
+    waiter.start()
+    taken_back = 0
+    try:
+        for turn in range(rounds):
+            assert asking.wait(30)
+            asking.clear()
+            time.sleep(0.01)  # the other process is blocked on the lock by now
+            lock.release()
+            lock.acquire()  # straight back, as a writer with more writes queued does
+            if len(Path(log).read_text().split()) < turn + 1:  # the other has not had its turn
+                taken_back += 1
+                lock.release()
+                assert done.wait(30)
+                lock.acquire()
+            else:
+                assert done.wait(30)
+            done.clear()
+            go.set()
+    finally:
+        lock.release()
+        waiter.join(timeout=30)
+        lock.close()
+    assert waiter.exitcode == 0
+    assert taken_back == 0, f"took the lock straight back in {taken_back} of {rounds} rounds"
+
+
 def _burn(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
