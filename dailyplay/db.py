@@ -360,8 +360,8 @@ CHECKPOINT_INTERVAL_SECONDS = 0.25
 # WAL frames left un-copied after a checkpoint that are worth a warning (about 40 MB).
 WAL_WARN_FRAMES = 10_000
 # A WAL this long, all copied, is started over: the writer finishes the checkpoint between two
-# groups (Checkpointer). 4,096 frames of 4 KiB pages is about 16 MiB: a few seconds of writes at
-# full speed.
+# groups (Checkpointer). 4,096 frames of 4 KiB pages is about 16 MiB: about a second of the
+# benchmark's mixed workload at full speed (4,300 frames a second on one worker).
 WAL_RESTART_FRAMES = 4096
 # PRAGMA journal_size_limit: when the log starts over, its file is cut back to this size (after
 # a long reader, such as a backup, let it grow); SQLite reuses the file up to it.
