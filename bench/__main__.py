@@ -306,6 +306,70 @@ def measure_table_sizes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return found
 
 
+def measure_pairs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The 1-worker ratios to bare, each measured args.pairs times as a pair of back-to-back
+    runs (bare, then dailyplay) with both servers up all along. A slow minute of the machine
+    then slows both runs of a pair, and the median of the pairs' ratios leaves out the odd one."""
+    log = work / "servers.log"
+    instance = prepare_instance(work / "pairs", 1)
+    token_files: dict[tuple[str, int], Path] = {}
+    for workload in ("validate", "consume"):
+        for pair in range(args.pairs):
+            token_files[workload, pair] = work / f"tokens-pairs-{workload}-{pair}.txt"
+            seed_tokens(instance, args.tokens_per_workload, token_files[workload, pair])
+    port, bare_port = free_port(), free_port()
+    instance.settings = instance.settings.replace("server", port=port)
+    write_config(instance.settings, instance.config_path)
+    runs: dict[str, list[dict[str, Any]]] = {workload: [] for workload in BARE_FOR}
+    with (
+        running(bare_command(bare_port, 1), bare_port, "/bare", log) as bare,
+        running(serve_command(instance), port, "/openapi.json", log) as server,
+    ):
+        warm_up(bare.url, "bare-post", args)
+        warm_up(server.url, "create", args, instance.key)
+        for pair in range(args.pairs):
+            for workload, bare_mode in BARE_FOR.items():
+                ceiling = run_wrk(bare.url, bare_mode, args)
+                measured = run_wrk(
+                    server.url, workload, args, instance.key, token_files.get((workload, pair))
+                )
+                runs[workload].append({"bare": ceiling, "dailyplay": measured})
+    return {"pairs": args.pairs, "runs": runs, "summary": summarize_pairs(runs)}
+
+
+def summarize_pairs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per workload: the median, lowest and highest of the pairs' ratios (req/s and p99)."""
+    summary: dict[str, Any] = {}
+    for workload, pairs in runs.items():
+        ratios = [pair["dailyplay"]["rps"] / pair["bare"]["rps"] for pair in pairs]
+        p99s = [pair["dailyplay"]["p99_ms"] / max(pair["bare"]["p99_ms"], 0.01) for pair in pairs]
+        summary[workload] = {
+            "ratio_median": round(statistics.median(ratios), 2),
+            "ratio_min": round(min(ratios), 2),
+            "ratio_max": round(max(ratios), 2),
+            "p99_ratio_median": round(statistics.median(p99s), 2),
+            "p99_ratio_max": round(max(p99s), 2),
+            "non_2xx": sum(pair["dailyplay"]["non_2xx"] for pair in pairs),
+        }
+    return summary
+
+
+def print_pairs(entry: dict[str, Any]) -> None:
+    print(f"\nratios to bare, 1 worker: {entry['pairs']} pairs of back-to-back runs")
+    print(
+        f"{'workload':<9} {'median':>7} {'lowest':>7} {'highest':>8}"
+        f" {'p99 x bare':>11} {'(worst)':>8}"
+    )
+    for workload, row in entry["summary"].items():
+        print(
+            f"{workload:<9} {row['ratio_median']:>7} {row['ratio_min']:>7} {row['ratio_max']:>8}"
+            f" {row['p99_ratio_median']:>11} {row['p99_ratio_max']:>8}"
+        )
+    for workload, pairs in entry["runs"].items():
+        shown = ", ".join(f"{p['bare']['rps']:.0f}/{p['dailyplay']['rps']:.0f}" for p in pairs)
+        print(f"  {workload}: bare/dailyplay req/s {shown}")
+
+
 def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """1 worker under the mixed workload for args.soak seconds, memory sampled as it runs."""
     instance = prepare_instance(work / "soak", 1)
@@ -448,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         "--soak", type=int, default=0, metavar="SECONDS",
         help="only the memory run: 1 worker under the mixed workload this long (e.g. 600)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pairs", type=int, default=0, metavar="N",
+        help="only the 1-worker ratios to bare: N back-to-back pairs of runs each, as medians",
+    )  # fmt: skip
     parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
@@ -473,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
             results["soak"] = soak(args, work)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
             print_soak(results["soak"])
+            print(f"\nwritten: {args.out}")
+            return 0
+        if args.pairs:
+            results["pairs"] = measure_pairs(args, work)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            print_pairs(results["pairs"])
             print(f"\nwritten: {args.out}")
             return 0
         for workers in args.workers:

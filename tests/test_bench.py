@@ -81,6 +81,43 @@ def test_the_rate_limiter_benchmark_compares_storages() -> None:
         assert set(found["us_per_hit"][storage]) == {"1", "100"}
 
 
+def test_the_paired_runs_measure_each_ratio_against_a_bare_run_just_before(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "pairs.json"
+    result = run_bench("--smoke", "--pairs", "2", "--out", str(out))
+    pairs = json.loads(out.read_text())["pairs"]
+    assert pairs["pairs"] == 2
+    for workload in ("create", "validate", "consume"):
+        runs = pairs["runs"][workload]
+        assert len(runs) == 2
+        for run in runs:
+            assert run["bare"]["rps"] > 0 and run["dailyplay"]["rps"] > 0, (workload, run)
+            assert run["dailyplay"]["non_2xx"] == 0 and run["dailyplay"]["socket_errors"] == 0
+        row = pairs["summary"][workload]
+        ratios = sorted(run["dailyplay"]["rps"] / run["bare"]["rps"] for run in runs)
+        assert row["ratio_median"] == round(sum(ratios) / 2, 2)
+        assert row["ratio_min"] == round(ratios[0], 2) and row["ratio_max"] == round(ratios[1], 2)
+    assert "pairs of back-to-back runs" in result.stdout
+
+
+def test_the_pairs_summary_is_the_median_pair_not_the_odd_one() -> None:
+    from bench.__main__ import summarize_pairs
+
+    def pair(bare: float, app: float) -> dict[str, dict[str, float]]:
+        return {
+            "bare": {"rps": bare, "p99_ms": 10.0},
+            "dailyplay": {"rps": app, "p99_ms": 20.0, "non_2xx": 0},
+        }
+
+    # Four pairs at 0.60x and one where the bare run caught a slow moment (1.2x).
+    runs = {"create": [pair(6000, 3600)] * 4 + [pair(3000, 3600)]}
+    row = summarize_pairs(runs)["create"]
+    assert row["ratio_median"] == 0.6
+    assert (row["ratio_min"], row["ratio_max"]) == (0.6, 1.2)
+    assert row["p99_ratio_median"] == 2.0
+
+
 def test_the_soak_reports_a_steady_climb_that_one_sample_would_hide() -> None:
     from bench.__main__ import summarize_soak
 
