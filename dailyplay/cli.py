@@ -288,7 +288,6 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
         JwtVerifier(settings.auth)  # a bad key file is reported here, not in each worker
     except config.ConfigError as exc:
         raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
-    _connect(settings).close()  # create or migrate once, before workers start
     if config_path:
         os.environ["DAILYPLAY_CONFIG"] = str(Path(config_path).resolve())
     for section, values in config.as_dict(settings).items():
@@ -297,8 +296,13 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
             os.environ[name] = json.dumps(value) if isinstance(value, list) else str(value)
     server = settings.server
     with exit_cleanly_on_sigterm(), metrics_files() as metrics_directory:
-        listener = start_metrics_listener(settings.metrics, metrics_directory)
+        # Bound before anything is announced: a taken port is an error, not a "listening"
+        # (and before the database is made: a server that cannot start leaves no file).
+        sockets = listen(server.host, server.port, server.workers)
+        listener = None
         try:
+            _connect(settings).close()  # create or migrate once, before workers start
+            listener = start_metrics_listener(settings.metrics, metrics_directory)
             if announce:
                 emit(
                     {
@@ -316,11 +320,24 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
                 workers=server.workers,
                 log_level=server.log_level,
                 log_format=server.log_format,
+                sockets=sockets,
             )
         finally:
             if listener is not None:
                 listener.shutdown()
                 listener.server_close()
+            for sock in sockets:
+                sock.close()
+
+
+def listen(host: str, port: int, workers: int) -> list[socket.socket]:
+    """The API's listening sockets (dailyplay.workers.listening_sockets), or a CliError."""
+    from .workers import listening_sockets
+
+    try:
+        return listening_sockets(host, port, workers)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
@@ -387,13 +404,22 @@ def metrics_url(settings: config.Settings) -> str | None:
 
 
 def serve_with_uvicorn(
-    app: str, *, host: str, port: int, workers: int, log_level: str, log_format: str = "json"
+    app: str,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    log_format: str = "json",
+    sockets: list[socket.socket] | None = None,
 ) -> None:
-    """Serve an app factory with uvicorn: several workers each listen on a socket of their own
-    (SO_REUSEPORT, dailyplay.workers), or share one where the platform lacks it."""
+    """Serve an app factory with uvicorn on sockets from `listen` (bound here when not given):
+    several workers each accept on a socket of their own (SO_REUSEPORT, dailyplay.workers), or
+    share one where the platform lacks it."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
+    if sockets is None:
+        sockets = listen(host, port, workers)
     uvicorn_config = uvicorn.Config(
         app,
         factory=True,
@@ -408,30 +434,16 @@ def serve_with_uvicorn(
         proxy_headers=False,
     )
     if workers == 1:
-        uvicorn.Server(uvicorn_config).run()
+        uvicorn.Server(uvicorn_config).run(sockets=sockets)
         return
-    from .workers import SpreadMultiprocess, reuse_port_supported, worker_sockets
+    from .workers import SpreadMultiprocess
 
-    if reuse_port_supported():
-        try:
-            sockets = worker_sockets(host, port, workers)
-        except OSError as exc:
-            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if len(sockets) == workers:
         SpreadMultiprocess(uvicorn_config, sockets).run()
         return
-    Multiprocess(uvicorn_config, sockets=[tcp_socket(uvicorn_config.bind_socket())]).run()
+    from uvicorn.supervisors import Multiprocess
 
-
-def tcp_socket(sock: socket.socket) -> socket.socket:
-    """The shared listening socket, marked as TCP so that workers' connections get TCP_NODELAY.
-
-    uvicorn creates it with protocol 0, and asyncio sets TCP_NODELAY only on sockets whose
-    protocol says TCP; without it every keep-alive response waited ~40 ms for a delayed ACK
-    (measured with 2 workers: 730 req/s at p50 44 ms, for a bare Starlette app too).
-    """
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return sock
-    return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+    Multiprocess(uvicorn_config, sockets=sockets).run()
 
 
 def _with_server_overrides(settings: config.Settings, args: argparse.Namespace) -> config.Settings:

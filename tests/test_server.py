@@ -23,9 +23,11 @@ from conftest import (
     SigningKey,
     add_org,
     claims_for,
+    run_cli,
     running_demo,
     serve,
     sql,
+    write_config,
 )
 
 from dailyplay import db
@@ -273,6 +275,35 @@ def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> Non
     assert int(result.stdout) == len(
         json.loads((ROOT / "dailyplay" / "openapi.json").read_text())["paths"]
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_server_on_a_taken_port_stops_with_a_clear_error(
+    make_settings, tmp_path, workers: int
+) -> None:
+    """A second `dailyplay serve` on a port already served (another database, say) must fail,
+    not share it. With several workers every socket had SO_REUSEPORT, so a second server of the
+    same user bound the same port and took half of the connections; with one, the command
+    printed "listening" and only then did uvicorn fail to bind."""
+    first = make_settings()
+    with serve(first, tmp_path, workers=workers) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        second = first.replace("database", path=str(tmp_path / "other.db")).replace(
+            "server", port=port, workers=workers
+        )
+        started = time.monotonic()
+        result = run_cli("serve", "--config", str(write_config(second, tmp_path / "second.toml")))
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert time.monotonic() - started < 30
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+        assert result.stdout == ""  # nothing announced
+        assert "Traceback" not in result.stderr
+        # Every connection still reaches the first server (new connections, each its own).
+        for _ in range(20):
+            with httpx.Client() as client:
+                answer = client.get(f"{server.url}{API}?action=validate-session", timeout=5)
+                assert answer.status_code == 400
+        assert not (tmp_path / "other.db").exists()
 
 
 def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, admin_headers) -> None:
