@@ -8,11 +8,15 @@ creates and the other none. With one socket per worker, bound with SO_REUSEPORT,
 spreads new connections over the workers by their addresses.
 
 This keeps uvicorn's supervisor (signals, health checks, replacing dead workers) and changes
-only which socket a worker gets: worker i always listens on socket i, replacements included.
+only which socket a worker gets: worker i always listens on socket i, replacements included,
+and that a worker does not outlive its supervisor (WorkerProcess).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import socket
 
 from uvicorn.config import STARTUP_FAILURE, Config
@@ -72,6 +76,39 @@ def listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]
     return sockets
 
 
+# prctl(2) option: the signal this process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_supervisor(supervisor_pid: int) -> None:
+    """On Linux, have SIGTERM sent to this worker when its supervisor dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux: workers are left as uvicorn leaves them
+        return
+    if prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return
+    if os.getppid() != supervisor_pid:  # it died before the request above was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class WorkerProcess(Process):
+    """uvicorn's worker process, which stops (SIGTERM: gracefully) when the supervisor dies.
+
+    uvicorn's workers outlived a supervisor killed with SIGKILL (the OOM killer, `kill -9` on
+    its PID): orphans that went on serving, with the configuration they started with, on the
+    port a restarted server then found taken."""
+
+    def __init__(self, config: Config, sockets: list[socket.socket]):
+        self.supervisor_pid = os.getpid()
+        super().__init__(config, sockets)
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        exit_with_supervisor(self.supervisor_pid)
+        super().target(sockets)
+
+
 class SpreadMultiprocess(Multiprocess):
     """uvicorn's Multiprocess, with worker i listening on sockets[i] only."""
 
@@ -82,7 +119,7 @@ class SpreadMultiprocess(Multiprocess):
         self.worker_sockets = sockets
 
     def _spawn(self, index: int) -> Process:
-        process = Process(self.config, [self.worker_sockets[index]])
+        process = WorkerProcess(self.config, [self.worker_sockets[index]])
         process.start()
         return process
 

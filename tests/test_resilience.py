@@ -212,6 +212,46 @@ def test_sigterm_finishes_the_request_in_flight_then_closes_the_database(
         assert check.json()["data"]["external_ref"] == "in-flight"
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody has reaped yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(
+    quiet_settings: config.Settings, tmp_path: Path
+) -> None:
+    """uvicorn's workers outlived a supervisor killed with SIGKILL (the OOM killer, `kill -9`
+    on its PID) and went on serving the port, with the configuration they started with. They
+    now get SIGTERM when it dies and shut down as on a normal stop."""
+    with serve(quiet_settings, tmp_path, workers=2) as server:
+        pid = server.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        workers = [
+            int(child)
+            for child in children
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()
+        ]
+        assert len(workers) == 2, children
+        try:
+            os.kill(pid, signal.SIGKILL)  # the supervisor only, not its process group
+            server.process.wait(timeout=10)
+            deadline = time.monotonic() + 20
+            while any(_alive(worker) for worker in workers):
+                assert time.monotonic() < deadline, [w for w in workers if _alive(w)]
+                time.sleep(0.1)
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"{server.url}/healthz", timeout=2)
+            assert server.log().count("Application shutdown complete") == 2
+        finally:
+            for worker in workers:
+                if _alive(worker):
+                    os.kill(worker, signal.SIGKILL)
+
+
 # --- contention ---------------------------------------------------------------------------------
 
 
