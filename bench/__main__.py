@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -539,23 +539,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if args.soak:
             results["soak"] = soak(args, work)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-            print_soak(results["soak"])
-            print(f"\nwritten: {args.out}")
-            return 0
+            return write_results(args.out, results, lambda: print_soak(results["soak"]))
         if args.pairs:
             results["pairs"] = measure_pairs(args, work)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-            print_pairs(results["pairs"])
-            print(f"\nwritten: {args.out}")
-            return 0
+            return write_results(args.out, results, lambda: print_pairs(results["pairs"]))
         for workers in args.workers:
             results["workers"][str(workers)] = measure_workers(workers, args, work)
         if args.sizes:
             results["table_sizes"] = measure_table_sizes(args, work)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    print(f"\nwritten: {args.out}")
+    return write_results(args.out, results, lambda: print_table(results))
+
+
+def write_results(out: Path, results: dict[str, Any], show: Callable[[], None]) -> int:
+    """Write the JSON result file, show the results, say where they went; exit status 0."""
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    show()
+    print(f"\nwritten: {out}")
     return 0
 
 
