@@ -313,6 +313,13 @@ class WriterLock:
         finally:
             fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
 
+    def _take_if_free(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def _last_turn(self) -> int:
         return int.from_bytes(os.pread(self._fd, 8, 0), "little")
 
@@ -332,13 +339,7 @@ class WriterLock:
         waited = self._handed_over is not None
         if waited:
             self._let_the_other_go_first()
-        if not self._others_waiting():
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._wait_for_turn()
-                waited = True
-        else:
+        if self._others_waiting() or not self._take_if_free():
             self._wait_for_turn()
             waited = True
         self._turn = self._last_turn() + 1
@@ -489,11 +490,11 @@ class WriterThread:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if self._checkpoint_due:
-                self._checkpoint()
-            while queue:
-                if self._checkpoint_due:
+            while True:
+                if self._checkpoint_due:  # asked for even when no write is queued
                     self._checkpoint()
+                if not queue:
+                    break
                 if queue[0].kind == "call":
                     item = queue.popleft()
                     function, args = item.payload
