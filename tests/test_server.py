@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -304,6 +305,59 @@ def test_a_second_server_on_a_taken_port_stops_with_a_clear_error(
                 answer = client.get(f"{server.url}{API}?action=validate-session", timeout=5)
                 assert answer.status_code == 400
         assert not (tmp_path / "other.db").exists()
+
+
+def _json_lines(log: str) -> list[dict]:
+    """The one-object-per-line entries of a server's output (not its indented start banner)."""
+    lines = []
+    for line in log.splitlines():
+        if line.startswith("{") and line.endswith("}"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_as_a_server_error(
+    settings, tmp_path, admin_headers
+) -> None:
+    """A client that closes its connection before its body has arrived (a phone losing signal)
+    is no error of the server's: no ERROR line with a traceback, no 500 in the metrics, nothing
+    stored; its request line says 499, as nginx would."""
+    org, headers = admin_headers
+    with serve(settings, tmp_path) as server:
+        created = httpx.post(
+            f"{server.url}{API}", json={"org_id": org, "name": "k"}, headers=headers
+        )
+        key = created.json()["data"]["key"]
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        partial = {
+            "create-session": f"x-api-key: {key}\r\n".encode() + b'Content-Length: 40\r\n\r\n{"ga',
+            "consume-session": b'Content-Length: 60\r\n\r\n{"token": "',
+        }
+        for action, rest in partial.items():
+            with socket.create_connection((host, int(port))) as conn:
+                conn.sendall(
+                    f"POST {API}?action={action} HTTP/1.1\r\nHost: {host}\r\n".encode()
+                    + b"Content-Type: application/json\r\n"
+                    + rest
+                )
+                time.sleep(0.3)  # the request has reached the app, which waits for the body
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            hung_up = [line for line in _json_lines(server.log()) if line.get("status") == 499]
+            if len(hung_up) == 2:
+                break
+            time.sleep(0.1)
+        assert sorted(line["operation"] for line in hung_up) == [
+            "consume-session",
+            "create-session",
+        ]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'status="500"' not in metrics
+        assert 'status="499"' in metrics
+    log = server.log()
+    assert "Traceback" not in log
+    assert [line for line in _json_lines(log) if line.get("level") == "error"] == []
+    assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
 
 
 def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, admin_headers) -> None:
