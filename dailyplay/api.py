@@ -171,7 +171,7 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
     request; the admission is confirmed when the token is inserted (db.KeyChanged). Anything it
     would refuse is decided again on the current row, so that old state never refuses.
     """
-    raw = request.headers.get("x-api-key")
+    raw = inputs.header(request.scope, b"x-api-key")
     if not raw:
         raise ApiError(
             401, "missing API key: send it in the x-api-key header", kind="api_key_missing"
@@ -334,7 +334,6 @@ async def _insert_session(
 async def create_session(services: Services, request: Request, params: dict[str, str]) -> Response:
     now = now_ms()
     key = await authenticate_api_key(services, request, now)
-    headers = rate_limit_headers(key.rate)
     try:
         try:
             fields = _session_fields(services, await read_body(services, request))
@@ -345,7 +344,8 @@ async def create_session(services: Services, request: Request, params: dict[str,
         expires_at = now + fields.expires_in_minutes * 60_000
         token, key = await _insert_session(services, request, key, fields, now, expires_at)
     except ApiError as exc:
-        exc.headers = {**headers, **exc.headers}
+        # The request was counted: its answer says how much of the window is left.
+        exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
         raise
     services.metrics.session_created()
     return ok(
@@ -651,22 +651,22 @@ Handler = Callable[[Services, Request, dict[str, str]], Awaitable[Response]]
 class Operation:
     handler: Handler
     query: tuple[str, ...]
-    credential: str | None  # the header carrying this operation's credential, if it needs one
+    credential: bytes | None  # the header carrying this operation's credential, if any
 
 
 # action -> method -> operation; None is the key-management family with no action.
 OPERATIONS: dict[str | None, dict[str, Operation]] = {
-    "create-session": {"POST": Operation(create_session, ("action",), "x-api-key")},
+    "create-session": {"POST": Operation(create_session, ("action",), b"x-api-key")},
     "validate-session": {"GET": Operation(validate_session, ("action", "token"), None)},
     "consume-session": {"POST": Operation(consume_session, ("action",), None)},
     "audit-log": {
-        "GET": Operation(audit_log, ("action", "org_id", "limit", "before_id"), "authorization")
+        "GET": Operation(audit_log, ("action", "org_id", "limit", "before_id"), b"authorization")
     },
     None: {
-        "GET": Operation(list_api_keys, ("org_id",), "authorization"),
-        "POST": Operation(create_api_key, (), "authorization"),
-        "PATCH": Operation(update_api_key, (), "authorization"),
-        "DELETE": Operation(delete_api_key, ("id", "org_id"), "authorization"),
+        "GET": Operation(list_api_keys, ("org_id",), b"authorization"),
+        "POST": Operation(create_api_key, (), b"authorization"),
+        "PATCH": Operation(update_api_key, (), b"authorization"),
+        "DELETE": Operation(delete_api_key, ("id", "org_id"), b"authorization"),
     },
 }
 ACTIONS = [action for action in OPERATIONS if action is not None]
@@ -731,7 +731,7 @@ async def _run_operation(
     params = inputs.query_params(items, operation.query)
     # Only requests that present a credential are counted and locked out: one without any
     # cannot guess a secret, and keeps getting the 401 that says what is missing.
-    if operation.credential is None or operation.credential not in request.headers:
+    if operation.credential is None or inputs.header(request.scope, operation.credential) is None:
         return await operation.handler(services, request, params)
     caller = client_ip(request, services.trusted_proxies)
     services.auth_failures.check(caller, now_ms())

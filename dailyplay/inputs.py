@@ -61,11 +61,11 @@ async def read_json_object(
 ) -> dict[str, Any]:
     """The request body as a JSON object; 413 past max_bytes (without reading it all), 408 when
     it has not all arrived within timeout_seconds (a slow client must not hold a request)."""
-    content_type = request.headers.get("content-type", "")
+    content_type = header(request.scope, b"content-type") or ""
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, "request body must be JSON: send Content-Type: application/json")
-    declared = request.headers.get("content-length")
+    declared = header(request.scope, b"content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(400, "invalid Content-Length header")
@@ -174,6 +174,15 @@ def query_items(query_string: bytes) -> list[tuple[str, str]]:
             name, _, value = part.partition("=")
             items.append((name, value))
     return items
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a request header (name in lower case, as ASGI gives names), read
+    from the scope as Starlette's Headers would, without building a Headers mapping."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def request_query(scope: Scope) -> list[tuple[str, str]]:
