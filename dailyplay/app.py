@@ -68,6 +68,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, message, dict(exc.headers or {}))
 
 
+# How long a client is asked to wait when the disk is full: freeing space takes an operator.
+FULL_RETRY_AFTER_SECONDS = 60
+
+
 async def _database_error(request: Request, exc: Exception) -> Response:
     # Another process held the write lock past database.busy_timeout_ms: the client may retry.
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
@@ -75,6 +79,19 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         request.app.state.services.metrics.busy_errors.inc()
         return error_response(
             503, "the database is busy; try again shortly", headers={"Retry-After": "1"}
+        )
+    # The disk (or the file system's quota) is full: nothing can be written until an operator
+    # frees space. Reads go on. Not a fault in this program: one line, no traceback.
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:  # extended codes too
+        services = request.app.state.services
+        log.error(
+            "database or disk is full: %s %s refused; free space on the disk of %s",
+            request.method, request.url.path, services.settings.database.path,
+        )  # fmt: skip
+        return error_response(
+            503,
+            "the server's storage is full, so nothing can be stored; try again later",
+            headers={"Retry-After": str(FULL_RETRY_AFTER_SECONDS)},
         )
     return await _server_error(request, exc)
 

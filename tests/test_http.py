@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 import pytest
 from conftest import API, World, assert_error, running_app, sql
@@ -256,6 +257,46 @@ def test_a_database_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stored(
             blocker.close()
         assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
         assert world.create_session(key).status_code == 200
+
+
+def test_a_full_database_is_a_503_that_says_so_and_nothing_is_stored(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk (SQLITE_FULL) refuses writes until space is freed: the client gets a 503 it
+    may retry, not an anonymous 500, and the log says what is wrong, once per refused request,
+    without a traceback. Reproduced with max_page_count on the writing connection, which fails
+    a write exactly as a full disk does."""
+    db = world.client.app.state.services.db
+    api_key = world.create_key(rate_limit_per_minute=10_000)["key"]
+    created = world.create_session(api_key)
+    assert created.status_code == 200
+    token = created.json()["data"]["token"]
+
+    def cap(conn: Any) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    world.client.portal.call(db.run_on_writer, cap)
+    stored = sql(world.settings, "SELECT count(*) FROM sessions")[0][0]
+    with caplog.at_level(logging.ERROR, logger="dailyplay"):
+        for _ in range(500):  # until an insert needs a page the file may not have
+            response = world.create_session(api_key)
+            if response.status_code != 200:
+                break
+            stored += 1
+        assert_error(response, 503, "full")
+        assert response.headers["retry-after"] == "60"
+        # Reads go on.
+        validated = world.client.get(f"{API}?action=validate-session&token={token}")
+        assert validated.status_code == 200
+    assert sql(world.settings, "SELECT count(*) FROM sessions") == [(stored,)]
+    full = [r for r in caplog.records if "full" in r.getMessage()]
+    assert full and all(r.exc_info is None for r in full), caplog.text
+    assert "unhandled error" not in caplog.text
+    world.client.portal.call(
+        db.run_on_writer, lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")
+    )
+    assert world.create_session(api_key).status_code == 200
 
 
 def test_an_unexpected_error_is_a_json_500_with_the_request_id_logged_once(
