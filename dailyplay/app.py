@@ -84,6 +84,7 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     # frees space. Reads go on. Not a fault in this program: one line, no traceback.
     if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:  # extended codes too
         services = request.app.state.services
+        services.db.note_full()
         log.error(
             "database or disk is full: %s %s refused; free space on the disk of %s",
             request.method, request.url.path, services.settings.database.path,
@@ -269,6 +270,13 @@ def health_routes() -> list[Route]:
             return _not_ready(f"a database write took longer than {READY_TIMEOUT_SECONDS:g} s")
         except sqlite3.Error as exc:
             return _not_ready(f"database cannot be written: {exc}")
+        # The probe rewrites a row in place, which a full disk still allows: a write refused
+        # for want of space a moment ago says more.
+        since_full = db.seconds_since_full()
+        if since_full is not None and since_full < FULL_RETRY_AFTER_SECONDS:
+            return _not_ready(
+                f"the disk is full: a write was refused for want of space {since_full:.0f} s ago"
+            )
         return JsonResponse(
             {"success": True, "data": {"status": "ready", "schema_version": version}}
         )

@@ -583,6 +583,8 @@ class Database:
         self._writer_thread: WriterThread | None = None
         self._reader: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
+        # When a write was last refused for want of space (SQLITE_FULL), time.monotonic().
+        self._full_at: float | None = None
 
     async def open(self) -> None:
         """Migrate the file, then open the writer (on its thread) and the read-only connection."""
@@ -677,6 +679,14 @@ class Database:
     def schema_version(self) -> int:
         """PRAGMA user_version as the read connection sees it."""
         return int(self.reader.execute("PRAGMA user_version").fetchone()[0])
+
+    def note_full(self) -> None:
+        """A write was refused because the disk (or the file's page limit) is full."""
+        self._full_at = time.monotonic()
+
+    def seconds_since_full(self) -> float | None:
+        """Seconds since a write was last refused for want of space; None if none was."""
+        return None if self._full_at is None else time.monotonic() - self._full_at
 
     async def probe_write(self, now: int) -> None:
         """Write one row through a group commit: the file takes writes and fsyncs."""

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from conftest import API, World, assert_error, running_app, sql
 
+from dailyplay.app import FULL_RETRY_AFTER_SECONDS
+
 
 @pytest.mark.parametrize(
     ("method", "url", "allow"),
@@ -289,6 +291,8 @@ def test_a_full_database_is_a_503_that_says_so_and_nothing_is_stored(
         # Reads go on.
         validated = world.client.get(f"{API}?action=validate-session&token={token}")
         assert validated.status_code == 200
+        # Readiness says so, though its own probe (a row rewritten in place) still succeeds.
+        assert_error(world.client.get("/readyz"), 503, "the disk is full")
     assert sql(world.settings, "SELECT count(*) FROM sessions") == [(stored,)]
     full = [r for r in caplog.records if "full" in r.getMessage()]
     assert full and all(r.exc_info is None for r in full), caplog.text
@@ -297,6 +301,8 @@ def test_a_full_database_is_a_503_that_says_so_and_nothing_is_stored(
         db.run_on_writer, lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")
     )
     assert world.create_session(api_key).status_code == 200
+    db._full_at -= FULL_RETRY_AFTER_SECONDS  # a minute on: ready again
+    assert world.client.get("/readyz").status_code == 200
 
 
 def test_an_unexpected_error_is_a_json_500_with_the_request_id_logged_once(
