@@ -63,6 +63,12 @@ def admin_headers(settings, rsa_key: SigningKey) -> tuple[int, dict[str, str]]:
     return org, {"authorization": f"Bearer {rsa_key.sign(claims_for('admin', lifetime=600))}"}
 
 
+def json_lines(log: str) -> list[dict]:
+    """A server's JSON log lines (not the indented "listening" banner, whose first line is a
+    bare "{")."""
+    return [json.loads(line) for line in log.splitlines() if line.startswith('{"')]
+
+
 def test_full_flow_through_a_server_and_secrets_stay_out_of_its_log(
     settings, tmp_path, admin_headers
 ) -> None:
@@ -101,7 +107,7 @@ def test_full_flow_through_a_server_and_secrets_stay_out_of_its_log(
             "error": "not found",
         }
     log = server.log()
-    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"')]
+    lines = json_lines(log)
     requests = [line for line in lines if line["logger"] == "dailyplay.access"]
     assert any(
         line["operation"] == "validate-session" and line["status"] == 200 for line in requests
@@ -307,15 +313,6 @@ def test_a_second_server_on_a_taken_port_stops_with_a_clear_error(
         assert not (tmp_path / "other.db").exists()
 
 
-def _json_lines(log: str) -> list[dict]:
-    """The one-object-per-line entries of a server's output (not its indented start banner)."""
-    lines = []
-    for line in log.splitlines():
-        if line.startswith("{") and line.endswith("}"):
-            lines.append(json.loads(line))
-    return lines
-
-
 def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_as_a_server_error(
     settings, tmp_path, admin_headers
 ) -> None:
@@ -343,7 +340,7 @@ def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_as_a_server_error(
                 time.sleep(0.3)  # the request has reached the app, which waits for the body
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            hung_up = [line for line in _json_lines(server.log()) if line.get("status") == 499]
+            hung_up = [line for line in json_lines(server.log()) if line.get("status") == 499]
             if len(hung_up) == 2:
                 break
             time.sleep(0.1)
@@ -356,7 +353,7 @@ def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_as_a_server_error(
         assert 'status="499"' in metrics
     log = server.log()
     assert "Traceback" not in log
-    assert [line for line in _json_lines(log) if line.get("level") == "error"] == []
+    assert [line for line in json_lines(log) if line.get("level") == "error"] == []
     assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
 
 
