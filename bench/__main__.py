@@ -230,6 +230,14 @@ def seed_tokens(instance: Instance, count: int, tokens_file: Path | None) -> Non
             out.close()
 
 
+def serve_on_free_port(instance: Instance) -> int:
+    """Point the instance's configuration at a free port; returns the port."""
+    port = free_port()
+    instance.settings = instance.settings.replace("server", port=port)
+    write_config(instance.settings, instance.config_path)
+    return port
+
+
 def serve_command(instance: Instance) -> list[str]:
     return [sys.executable, "-m", "dailyplay", "serve", "--config", str(instance.config_path)]
 
@@ -253,9 +261,7 @@ def measure_workers(workers: int, args: argparse.Namespace, work: Path) -> dict[
     for workload in ("validate", "consume", "mixed"):
         token_files[workload] = work / f"tokens-{workers}-{workload}.txt"
         seed_tokens(instance, per_workload, token_files[workload])
-    port = free_port()
-    instance.settings = instance.settings.replace("server", port=port)
-    write_config(instance.settings, instance.config_path)
+    port = serve_on_free_port(instance)
     probe = "/openapi.json"
     with running(serve_command(instance), port, probe, log) as server:
         warm_up(server.url, "create", args, instance.key)
@@ -269,10 +275,18 @@ def measure_workers(workers: int, args: argparse.Namespace, work: Path) -> dict[
         results["rss_file_kb_after"] = memory["RssFile"]
     for workload, bare_mode in BARE_FOR.items():
         measured = results["dailyplay"][workload]
-        ceiling = results["bare"][bare_mode]
-        measured["ratio_to_bare"] = round(measured["rps"] / ceiling["rps"], 2)
-        measured["p99_ratio_to_bare"] = round(measured["p99_ms"] / max(ceiling["p99_ms"], 0.01), 2)
+        rps, p99 = ratios_to_bare(measured, results["bare"][bare_mode])
+        measured["ratio_to_bare"] = round(rps, 2)
+        measured["p99_ratio_to_bare"] = round(p99, 2)
     return results
+
+
+def ratios_to_bare(measured: dict[str, Any], ceiling: dict[str, Any]) -> tuple[float, float]:
+    """(req/s, p99) of a dailyplay run as multiples of the bare run it is compared with."""
+    return (
+        measured["rps"] / ceiling["rps"],
+        measured["p99_ms"] / max(ceiling["p99_ms"], 0.01),
+    )
 
 
 def measure_table_sizes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -289,9 +303,7 @@ def measure_table_sizes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for workload in ("validate", "consume"):
             token_files[workload] = work / f"tokens-size-{size}-{workload}.txt"
             seed_tokens(instance, args.tokens_per_workload, token_files[workload])
-        port = free_port()
-        instance.settings = instance.settings.replace("server", port=port)
-        write_config(instance.settings, instance.config_path)
+        port = serve_on_free_port(instance)
         entry: dict[str, Any] = {
             "db_bytes": bytes_used,
             "db_bytes_per_million": round(bytes_used / size * 1_000_000) if size else None,
@@ -317,9 +329,7 @@ def measure_pairs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for pair in range(args.pairs):
             token_files[workload, pair] = work / f"tokens-pairs-{workload}-{pair}.txt"
             seed_tokens(instance, args.tokens_per_workload, token_files[workload, pair])
-    port, bare_port = free_port(), free_port()
-    instance.settings = instance.settings.replace("server", port=port)
-    write_config(instance.settings, instance.config_path)
+    port, bare_port = serve_on_free_port(instance), free_port()
     runs: dict[str, list[dict[str, Any]]] = {workload: [] for workload in BARE_FOR}
     with (
         running(bare_command(bare_port, 1), bare_port, "/bare", log) as bare,
@@ -341,8 +351,9 @@ def summarize_pairs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per workload: the median, lowest and highest of the pairs' ratios (req/s and p99)."""
     summary: dict[str, Any] = {}
     for workload, pairs in runs.items():
-        ratios = [pair["dailyplay"]["rps"] / pair["bare"]["rps"] for pair in pairs]
-        p99s = [pair["dailyplay"]["p99_ms"] / max(pair["bare"]["p99_ms"], 0.01) for pair in pairs]
+        computed = [ratios_to_bare(pair["dailyplay"], pair["bare"]) for pair in pairs]
+        ratios = [rps for rps, _ in computed]
+        p99s = [p99 for _, p99 in computed]
         summary[workload] = {
             "ratio_median": round(statistics.median(ratios), 2),
             "ratio_min": round(min(ratios), 2),
@@ -375,9 +386,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     instance = prepare_instance(work / "soak", 1)
     tokens = work / "tokens-soak.txt"
     seed_tokens(instance, args.soak_tokens, tokens)
-    port = free_port()
-    instance.settings = instance.settings.replace("server", port=port)
-    write_config(instance.settings, instance.config_path)
+    port = serve_on_free_port(instance)
     samples: list[dict[str, Any]] = []
     stop = threading.Event()
     wal = Path(f"{instance.settings.database.path}-wal")
