@@ -19,7 +19,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .clock import iso_from_ms
-from .inputs import first_value, request_query
+from .inputs import first_value, header, request_query
 
 access_log = logging.getLogger("dailyplay.access")
 
@@ -115,11 +115,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = ""
-        for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER:
-                given = value.decode("latin-1")
-                break
+        given = header(scope, REQUEST_ID_HEADER) or ""
         # 32 hex digits, as uuid4().hex. An id names a request in logs and is no secret, so
         # the random module's generator (seeded from the OS in each process, and again after a
         # fork) is enough: no getrandom() system call per request.
