@@ -43,7 +43,7 @@ CREATE INDEX IF NOT EXISTS api_keys_by_prefix ON api_keys (key_prefix);
 
 CREATE TABLE IF NOT EXISTS sessions (
     id           INTEGER PRIMARY KEY,
-    token        BLOB    NOT NULL UNIQUE CHECK (length(token) = 16),   -- UUID v4, 16 bytes
+    token        BLOB    NOT NULL UNIQUE CHECK (length(token) = 16),   -- UUID, 16 bytes (tokens.py)
     org_id       INTEGER NOT NULL REFERENCES orgs (id),
     api_key_id   INTEGER REFERENCES api_keys (id) ON DELETE SET NULL,
     game_id      INTEGER,

@@ -41,6 +41,7 @@ from .ratelimit import (
     rate_limit_headers,
 )
 from .responses import JsonResponse, raw_json
+from .tokens import new_session_token
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -302,7 +303,7 @@ async def _insert_session(
         try:
             _check_allowed(fields.game_id, key.state.allowed_game_ids, "game")
             _check_allowed(fields.stream_id, key.state.allowed_stream_ids, "stream")
-            token = uuid.uuid4()
+            token = new_session_token(now)
             await services.db.insert_session(
                 (
                     token.bytes,

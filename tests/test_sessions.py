@@ -11,6 +11,8 @@ from datetime import datetime
 import pytest
 from conftest import API, World, add_org, assert_error, sql
 
+from dailyplay.tokens import clock_prefix
+
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -30,6 +32,10 @@ def test_create_session_returns_the_contract_fields(world: World, api_key: str) 
     assert set(data) == {"token", "game_id", "stream_id", "expires_at", "external_ref"}
     token = uuid.UUID(data["token"])
     assert token.version == 4 and str(token) == data["token"]
+    # Its first 16 bits are the clock of its creation (dailyplay/tokens.py), so that tokens
+    # made together sit together in the token index.
+    [(created_at,)] = sql(world.settings, "SELECT created_at FROM sessions")
+    assert token.int >> 112 == clock_prefix(created_at)
     assert data["game_id"] == 42 and data["stream_id"] is None
     assert data["external_ref"] == "user-12345"
     assert ISO_MS.fullmatch(data["expires_at"])
