@@ -9,6 +9,7 @@ metadata) goes in as it is, as a `raw_json` fragment, instead of being parsed an
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -20,8 +21,26 @@ def raw_json(text: str) -> orjson.Fragment:
     return orjson.Fragment(text)
 
 
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
 class JsonResponse(Response):
     media_type = "application/json"
+
+    def __init__(
+        self, content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+    ) -> None:
+        # Most answers (every validate-session's) carry no headers of their own. For those the
+        # header list is built directly: Starlette's init_headers gives the same two headers in
+        # the same order, after checks that cannot apply to a JSON body (a text/ media type's
+        # charset, the statuses without a body), on every answer.
+        self.status_code = status_code
+        self.background = None
+        self.body = body = self.render(content)
+        if headers or status_code < 200 or status_code in (204, 304):
+            self.init_headers(headers)
+        else:
+            self.raw_headers = [(b"content-length", str(len(body)).encode()), JSON_CONTENT_TYPE]
 
     def render(self, content: Any) -> bytes:
         try:

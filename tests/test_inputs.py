@@ -81,6 +81,28 @@ def test_times_are_written_as_datetime_writes_them(ms: int) -> None:
     assert ms_from_iso(expected) == ms
 
 
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (200, None),
+        (200, {}),
+        (200, {"X-RateLimit-Limit": "60", "Retry-After": "1"}),
+        (404, None),
+        (503, {"Retry-After": "60"}),
+        (204, None),
+        (200, {"Content-Type": "application/problem+json"}),
+    ],
+)
+def test_answers_carry_the_headers_starlette_would_give_them(
+    status: int, headers: dict[str, str] | None
+) -> None:
+    content = {"success": status < 300, "data": {"valid": True}}
+    ours = JsonResponse(content, status_code=status, headers=headers)
+    theirs = JSONResponse(content, status_code=status, headers=headers)
+    assert ours.raw_headers == theirs.raw_headers
+    assert (ours.status_code, ours.body, ours.background) == (status, theirs.body, None)
+
+
 def test_answers_orjson_declines_are_encoded_as_starlette_would() -> None:
     # An integer past 64 bits cannot come from the database, but an answer must never 500.
     content = {"success": True, "data": {"n": 2**70, "s": "é"}}
