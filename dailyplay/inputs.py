@@ -197,7 +197,10 @@ def request_query(scope: Scope) -> list[tuple[str, str]]:
 
 def first_value(items: list[tuple[str, str]], name: str) -> str | None:
     """The first value of a query parameter among query_items, or None."""
-    return next((value for key, value in items if key == name), None)
+    for key, value in items:  # a loop: a generator expression costs more than the search
+        if key == name:
+            return value
+    return None
 
 
 def query_params(items: list[tuple[str, str]], allowed: Iterable[str]) -> dict[str, str]:

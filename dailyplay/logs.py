@@ -93,10 +93,17 @@ def note(scope: Scope, **fields: Any) -> None:
 _ACTION = re.compile(r"[a-z-]{1,40}")
 
 
+_valid_actions: set[str] = set()  # action texts already matched against _ACTION (a few)
+
+
 def _operation(items: list[tuple[str, str]]) -> str | None:
     """The query's (inputs.query_items) first `action`, "(invalid)" if it is no action name."""
     action = first_value(items, "action")
-    if action is None or _ACTION.fullmatch(action):
+    if action is None or action in _valid_actions:
+        return action
+    if _ACTION.fullmatch(action):
+        if len(_valid_actions) < 64:  # any client may send any name: keep the set bounded
+            _valid_actions.add(action)
         return action
     return "(invalid)"
 
