@@ -231,6 +231,7 @@ CONSUME_SESSIONS = (
     " AND expires_at > (SELECT n FROM first WHERE first.t = sessions.token)"
     " RETURNING token, " + SESSION_COLUMNS
 )
+GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token = ?"
 # Everything that decides whether a key may create a token, and how: a request is admitted on
 # one reading of it (remembered between requests), and its token is inserted only if the row is
 # still the same inside the inserting transaction.
@@ -870,9 +871,10 @@ class Database:
         await self._enqueue("insert_session", (values, key_state))
 
     async def get_session(self, token: bytes) -> sqlite3.Row | None:
-        return await self._read_one(
-            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token = ?", (token,)
-        )
+        # Every validate-session comes here: the reader directly, and one SQL string object for
+        # every call (a string built per call is hashed anew for the statement cache).
+        row: sqlite3.Row | None = self.reader.execute(GET_SESSION, (token,)).fetchone()
+        return row
 
     async def consume_session(
         self, token: bytes, player_uuid: str | None, now: int
