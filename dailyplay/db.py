@@ -668,11 +668,13 @@ class Database:
         values = tuple(params)
         return await self._in_transaction(lambda conn: conn.execute(sql, values).fetchall())
 
-    async def _read_one(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
+    # Reads run on the event loop (see READER_BUSY_TIMEOUT_MS), and plainly: a coroutine here
+    # would be one more frame for every read to create and resume, validate-session's included.
+    def _read_one(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.reader.execute(sql, tuple(params)).fetchone()
         return row
 
-    async def _read_all(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+    def _read_all(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
         return self.reader.execute(sql, tuple(params)).fetchall()
 
     # --- health ----------------------------------------------------------------------------------
@@ -718,12 +720,12 @@ class Database:
     # --- organizations -------------------------------------------------------------------------
 
     async def get_org(self, org_id: int) -> sqlite3.Row | None:
-        return await self._read_one(
+        return self._read_one(
             "SELECT id, name, tier, external_id FROM orgs WHERE id = ?", (org_id,)
         )
 
     async def get_member_role(self, org_id: int, user_id: str) -> str | None:
-        row = await self._read_one(
+        row = self._read_one(
             "SELECT role FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
         )
         return None if row is None else str(row["role"])
@@ -801,13 +803,13 @@ class Database:
 
     async def find_api_key_hashes(self, key_prefix: str) -> list[sqlite3.Row]:
         """(id, key_hash) of every key whose first 8 characters are key_prefix."""
-        return await self._read_all(
+        return self._read_all(
             "SELECT id, key_hash FROM api_keys WHERE key_prefix = ?", (key_prefix,)
         )
 
     async def get_api_key_for_request(self, key_id: int) -> sqlite3.Row | None:
         """The key's current state and its org's tier (KEY_STATE's columns), read now."""
-        return await self._read_one(KEY_STATE, (key_id,))
+        return self._read_one(KEY_STATE, (key_id,))
 
     async def record_key_usage(
         self, last_used: dict[int, int], counter_deltas: dict[tuple[int, str, int], int]
@@ -852,7 +854,7 @@ class Database:
 
     async def get_rate_counters(self, key_id: int, minute: int, day: int) -> dict[str, int]:
         """Stored hits of a key in the given minute and day, as {'minute': n, 'day': n}."""
-        rows = await self._read_all(
+        rows = self._read_all(
             "SELECT span, hits FROM rate_counters WHERE api_key_id = ?"
             " AND ((span = 'minute' AND period = ?) OR (span = 'day' AND period = ?))",
             (key_id, minute, day),
@@ -871,10 +873,9 @@ class Database:
         await self._enqueue("insert_session", (values, key_state))
 
     async def get_session(self, token: bytes) -> sqlite3.Row | None:
-        # Every validate-session comes here: the reader directly, and one SQL string object for
-        # every call (a string built per call is hashed anew for the statement cache).
-        row: sqlite3.Row | None = self.reader.execute(GET_SESSION, (token,)).fetchone()
-        return row
+        # One SQL string object for every call: a string built per call (validate-session's
+        # every request) is hashed anew for the statement cache.
+        return self._read_one(GET_SESSION, (token,))
 
     async def consume_session(
         self, token: bytes, player_uuid: str | None, now: int
