@@ -26,7 +26,7 @@ from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
 from .background import running
 from .clock import now_ms
-from .db import SCHEMA_VERSION, Database
+from .db import SCHEMA_VERSION, Database, is_busy, is_full
 from .deadlines import Deadlines
 from .errors import ApiError
 from .keys import ApiKeyVerifier, KeyStates
@@ -74,7 +74,7 @@ FULL_RETRY_AFTER_SECONDS = 60
 
 async def _database_error(request: Request, exc: Exception) -> Response:
     # Another process held the write lock past database.busy_timeout_ms: the client may retry.
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+    if is_busy(exc):
         log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
         request.app.state.services.metrics.busy_errors.inc()
         return error_response(
@@ -82,9 +82,9 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         )
     # The disk (or the file system's quota) is full: nothing can be written until an operator
     # frees space. Reads go on. Not a fault in this program: one line, no traceback.
-    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:  # extended codes too
+    # (The writer thread has told the database, for /readyz.)
+    if is_full(exc):
         services = request.app.state.services
-        services.db.note_full()
         log.error(
             "database or disk is full: %s %s refused; free space on the disk of %s",
             request.method, request.url.path, services.settings.database.path,

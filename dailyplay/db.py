@@ -148,6 +148,30 @@ def connect(settings: DatabaseSettings, *, migrate_schema: bool = True) -> sqlit
     return conn
 
 
+def _primary_code(exc: BaseException) -> int:
+    """SQLite's primary result code of exc (the low byte of an extended code); 0 if none."""
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def is_busy(exc: BaseException) -> bool:
+    """exc is SQLite's "database is locked": another connection held a lock past the busy
+    timeout (SQLITE_BUSY), or one of this connection's own tables was locked (SQLITE_LOCKED)."""
+    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def is_full(exc: BaseException) -> bool:
+    """exc is SQLite refusing a write for want of space (SQLITE_FULL): the disk or its quota
+    is full, or the file reached its page limit."""
+    return _primary_code(exc) == sqlite3.SQLITE_FULL
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """A PASSIVE checkpoint (never waits for readers or the writer): (1 if it could not run
+    because another checkpoint was running else 0, frames in the WAL, frames copied)."""
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(copied)
+
+
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
@@ -417,10 +441,7 @@ class Checkpointer:
                     continue
                 seen = self._commits
                 try:
-                    # (busy, frames in the WAL, frames copied into the database file)
-                    _busy, frames, copied = conn.execute(
-                        "PRAGMA wal_checkpoint(PASSIVE)"
-                    ).fetchone()
+                    _busy, frames, copied = checkpoint(conn)
                 except sqlite3.Error as exc:
                     log.warning("WAL checkpoint failed; will retry: %s", exc)
                     continue
@@ -450,11 +471,14 @@ class WriterThread:
         lock: WriterLock,
         committed: Callable[[], None],
         observe_commit: Callable[[float, int, bool], None] | None,
+        refused_for_space: Callable[[], None] = lambda: None,
     ):
         self.conn: sqlite3.Connection | None = None
         self._lock = lock
         self._committed = committed
         self._observe_commit = observe_commit
+        # Told (on this thread) whenever a write or call failed with SQLITE_FULL, whoever asked.
+        self._refused_for_space = refused_for_space
         self._queue: collections.deque[_Write] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -503,6 +527,7 @@ class WriterThread:
                         outcome: tuple[bool, Any] = (True, function(*args))
                     except BaseException as exc:  # the caller gets it; the thread goes on
                         outcome = (False, exc)
+                    self._note_refusals([outcome])
                     _settle([item], [outcome])
                 else:
                     self._commit_next_group()
@@ -516,12 +541,15 @@ class WriterThread:
         try:
             self._lock.acquire()
             try:
-                # Busy (another checkpoint running) is reported in the row, not raised.
-                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                checkpoint(self.conn)  # another checkpoint running is not an error
             finally:
                 self._lock.release()
         except (sqlite3.Error, OSError) as exc:  # the checkpointer asks again
             log.warning("WAL checkpoint failed; will retry: %s", exc)
+
+    def _note_refusals(self, outcomes: list[tuple[bool, Any]]) -> None:
+        if any(not succeeded and is_full(value) for succeeded, value in outcomes):
+            self._refused_for_space()
 
     def _take_group(self) -> list[_Write]:
         group: list[_Write] = []
@@ -550,6 +578,7 @@ class WriterThread:
                 self._lock.release()
         seconds = time.perf_counter() - started
         self._committed()
+        self._note_refusals(outcomes)
         observe = self._observe_commit
         _settle(
             group,
@@ -590,7 +619,7 @@ class Database:
     async def open(self) -> None:
         """Migrate the file, then open the writer (on its thread) and the read-only connection."""
         self._writer_thread = WriterThread(
-            WriterLock(self.settings.path), self._committed, self._observe_commit
+            WriterLock(self.settings.path), self._committed, self._observe_commit, self.note_full
         )
         self._writer_thread.start()
         try:
@@ -684,7 +713,8 @@ class Database:
         return int(self.reader.execute("PRAGMA user_version").fetchone()[0])
 
     def note_full(self) -> None:
-        """A write was refused because the disk (or the file's page limit) is full."""
+        """A write was refused because the disk (or the file's page limit) is full. The writer
+        thread calls this for every write it runs, a request's or a background task's."""
         self._full_at = time.monotonic()
 
     def seconds_since_full(self) -> float | None:
@@ -1208,7 +1238,7 @@ def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict
 
 def _checkpoint_and_close(conn: sqlite3.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        checkpoint(conn)
     conn.close()
 
 

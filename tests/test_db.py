@@ -122,6 +122,50 @@ def test_a_failing_write_fails_alone_and_the_rest_of_its_group_commits(
     assert stored == {taken, *fresh}
 
 
+def cap_pages(conn: sqlite3.Connection) -> None:
+    """The file may not grow past its size now: a write that needs a new page fails with
+    SQLITE_FULL, exactly as on a full disk."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_write_refused_for_want_of_space_is_noted_whoever_asked_for_it(
+    settings: config.Settings, org: int
+) -> None:
+    """SQLITE_FULL from any write the writer thread runs (a request's, in a group, or a
+    background task's call) is noted for readiness; a write that fails otherwise is not."""
+
+    async def scenario(database: db.Database, _commits: list[str]) -> list[Any]:
+        taken = uuid.uuid4().bytes
+        await database.insert_session(session_values(org, taken))
+        await database.run_on_writer(cap_pages)
+        with pytest.raises(sqlite3.IntegrityError):  # not for want of space
+            await database.insert_session(session_values(org, taken))
+        assert database.seconds_since_full() is None
+        # A background task's write: a new table needs a page the file may not have.
+        with pytest.raises(sqlite3.OperationalError) as refused:
+            await database.run_on_writer(lambda conn: conn.execute("CREATE TABLE filler (x)"))
+        assert db.is_full(refused.value) and not db.is_busy(refused.value)
+        since = database.seconds_since_full()
+        assert since is not None and 0 <= since < 5
+        database._full_at = None
+        # Requests' writes in groups, until the table needs a page more.
+        outcomes = await asyncio.gather(
+            *(database.insert_session(session_values(org, uuid.uuid4().bytes)) for _ in range(400)),
+            return_exceptions=True,
+        )
+        since = database.seconds_since_full()
+        assert since is not None and 0 <= since < 5
+        return outcomes
+
+    outcomes = run(settings, scenario)
+    refused = [o for o in outcomes if o is not None]
+    assert refused and all(db.is_full(o) for o in refused)
+    stored = sql(settings, "SELECT count(*) FROM sessions")[0][0]
+    assert stored == 1 + outcomes.count(None)
+    assert sql(settings, "SELECT count(*) FROM sqlite_schema WHERE name = 'filler'") == [(0,)]
+
+
 def test_a_locked_database_fails_every_write_of_the_group_and_stores_nothing(
     make_settings, org: int
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from conftest import AppClient, assert_error, running_app, sql
 
 from dailyplay import config, db
@@ -85,3 +86,24 @@ def test_a_version_1_file_is_brought_to_the_schema_of_a_new_one(
     assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
     migrated.close()
     assert _schema(old.path) == _schema(fresh.path)
+
+
+def test_readyz_is_503_after_a_background_write_was_refused_for_want_of_space(
+    settings: config.Settings,
+) -> None:
+    """Not only a request's write: one of the server's own (usage counters, retention) refused
+    with SQLITE_FULL turns readiness to 503 as well, though the probe's row still fits."""
+    with running_app(settings) as client:
+        database = client.app.state.services.db
+        assert client.get("/readyz").status_code == 200
+
+        def fill(conn: sqlite3.Connection) -> None:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            conn.execute("CREATE TABLE filler (x)")  # needs a page the file may not have
+
+        with pytest.raises(sqlite3.OperationalError) as refused:
+            client.portal.call(database.run_on_writer, fill)
+        assert db.is_full(refused.value)
+        assert_error(client.get("/readyz"), 503, "not ready: the disk is full")
+        assert client.get("/healthz").status_code == 200
