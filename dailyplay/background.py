@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
+
+from .db import is_busy, is_full
 
 
 @contextlib.asynccontextmanager
@@ -19,3 +22,14 @@ async def running(coroutine: Coroutine[Any, Any, Any]) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def log_failed_pass(logger: logging.Logger, what: str, exc: Exception) -> None:
+    """A background pass failed and will run again. A full disk or a busy database is the
+    operator's matter, not a fault here: one line, without a traceback."""
+    if is_full(exc):
+        logger.error("%s refused: the database or disk is full; will retry", what)
+    elif is_busy(exc):
+        logger.warning("%s: the database is busy; will retry", what)
+    else:
+        logger.error("%s failed; will retry", what, exc_info=exc)

@@ -23,7 +23,7 @@ from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
-from .background import running
+from .background import log_failed_pass, running
 from .clock import DAY_MS, MINUTE_MS
 from .clock import now_ms as current_ms
 from .db import Database
@@ -397,8 +397,8 @@ async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:
                 await limiter.prune(now)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("storing API key usage failed; will retry")
+        except Exception as exc:
+            log_failed_pass(log, "storing API key usage", exc)
 
 
 @contextlib.asynccontextmanager

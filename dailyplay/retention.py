@@ -9,6 +9,7 @@ import logging
 import sqlite3
 
 from . import db
+from .background import log_failed_pass
 from .clock import DAY_MS, now_ms
 from .db import Database
 
@@ -58,8 +59,8 @@ async def run_retention(
             deleted = await database.purge_finished_sessions(cutoff_ms(now_ms(), days))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("deleting finished session tokens failed; will retry")
+        except Exception as exc:
+            log_failed_pass(log, "deleting finished session tokens", exc)
             continue
         if deleted:
             log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ import pytest
 from conftest import add_org, cli_json, run_cli, sql
 
 from dailyplay import config, db
+from dailyplay.background import log_failed_pass
 from dailyplay.clock import DAY_MS, now_ms
 from dailyplay.retention import cutoff_ms, purge, run_retention
 
@@ -106,6 +108,76 @@ def test_the_server_purges_in_the_background(
 
     asyncio.run(main())
     assert _remaining(settings, states) == KEPT
+
+
+def test_a_pass_that_finds_the_database_busy_says_so_in_one_line_and_the_next_one_purges(
+    make_settings: Any, states: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program holding the write lock past the busy timeout is the operator's matter,
+    not a fault here: a warning without a traceback, and the pass after it does the work."""
+    settings = make_settings(database={"busy_timeout_ms": 50})  # the same file as `states`
+    blocker = sqlite3.connect(settings.database.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    async def main() -> None:
+        database = db.Database(settings.database)
+        await database.open()
+        task = asyncio.create_task(run_retention(database, 30, first_pass=0.01, interval=0.05))
+        try:
+            for _ in range(100):  # until a pass has found the lock held
+                await asyncio.sleep(0.02)
+                if "busy" in caplog.text:
+                    break
+            blocker.execute("ROLLBACK")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if len(_remaining(settings, states)) < 7:
+                    break
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await database.close()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="dailyplay"):
+            asyncio.run(main())
+    finally:
+        blocker.close()
+    assert _remaining(settings, states) == KEPT
+    busy = [r for r in caplog.records if "busy" in r.getMessage()]
+    assert busy, caplog.text
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in busy)
+    assert busy[0].getMessage() == (
+        "deleting finished session tokens: the database is busy; will retry"
+    )
+    assert "failed" not in caplog.text
+
+
+def test_a_background_pass_logs_a_full_disk_in_one_line_and_a_fault_with_its_traceback(
+    settings: config.Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = db.connect(settings.database)
+    try:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError) as full:
+            conn.execute("CREATE TABLE filler (x)")
+    finally:
+        conn.close()
+    log = logging.getLogger("dailyplay.test")
+    with caplog.at_level(logging.INFO, logger="dailyplay"):
+        log_failed_pass(log, "storing API key usage", full.value)
+        log_failed_pass(log, "storing API key usage", RuntimeError("a bug"))
+    refused, fault = caplog.records
+    assert refused.levelno == logging.ERROR and refused.exc_info is None
+    assert refused.getMessage() == (
+        "storing API key usage refused: the database or disk is full; will retry"
+    )
+    assert fault.levelno == logging.ERROR and fault.getMessage() == (
+        "storing API key usage failed; will retry"
+    )
+    assert fault.exc_info is not None and "a bug" in str(fault.exc_info[1])
 
 
 def test_the_database_stays_bounded_under_a_steady_workload(settings: config.Settings) -> None:
