@@ -289,6 +289,23 @@ def ratios_to_bare(measured: dict[str, Any], ceiling: dict[str, Any]) -> tuple[f
     )
 
 
+def scaling(workers: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """For each worker count other than 1: every run's req/s as a multiple of its 1-worker
+    run's, the bare app's beside the service's (how much a second worker can give here)."""
+    one = workers.get("1")
+    if one is None:
+        return {}
+    return {
+        count: {
+            mode: round(entry[side][mode]["rps"] / max(one[side][mode]["rps"], 1e-9), 2)
+            for side in ("bare", "dailyplay")
+            for mode in entry[side]
+        }
+        for count, entry in workers.items()
+        if count != "1"
+    }
+
+
 def measure_table_sizes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """1 worker, validate/consume/create against databases already holding `size` tokens."""
     found: dict[str, Any] = {}
@@ -493,6 +510,9 @@ def print_table(results: dict[str, Any]) -> None:
             f" {entry['rss_anon_kb_after'] / 1024:.1f} MB, mapped database and code"
             f" {entry['rss_file_kb_after'] / 1024:.1f} MB)"
         )
+    for count, multiples in results.get("scaling", {}).items():
+        print(f"\n{count} workers / 1 worker, req/s:")
+        print("  " + ", ".join(f"{mode} {multiple:.2f}x" for mode, multiple in multiples.items()))
     if results.get("table_sizes"):
         print("\ntokens already stored (1 worker): req/s create / validate / consume, DB size")
         for size, entry in results["table_sizes"].items():
@@ -529,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.duration, args.workers, args.sizes = 1, [1], [0]
+        args.duration, args.workers, args.sizes = 1, [1, 2], [0]
         args.tokens_per_workload = 20_000
     if shutil.which("wrk") is None:
         print("bench: wrk is needed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
@@ -554,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             return write_results(args.out, results, lambda: print_pairs(results["pairs"]))
         for workers in args.workers:
             results["workers"][str(workers)] = measure_workers(workers, args, work)
+        results["scaling"] = scaling(results["workers"])
         if args.sizes:
             results["table_sizes"] = measure_table_sizes(args, work)
     return write_results(args.out, results, lambda: print_table(results))

@@ -42,6 +42,14 @@ def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None
         assert measured["rps"] > 0 and measured["non_2xx"] == 0, (workload, measured)
         assert measured["socket_errors"] == 0, (workload, measured)
     assert run["rss_kb_after"] > 0
+    # 2 workers as well, each run's req/s also as a multiple of its 1-worker run's.
+    two = results["workers"]["2"]
+    for side, mode in [("bare", "bare-get"), ("dailyplay", "validate")]:
+        assert two[side][mode]["non_2xx"] == 0 and two[side][mode]["rps"] > 0
+        multiple = two[side][mode]["rps"] / run[side][mode]["rps"]
+        assert results["scaling"]["2"][mode] == pytest.approx(multiple, abs=0.006)
+    assert "2 workers / 1 worker, req/s:" in result.stdout
+    assert f"validate {results['scaling']['2']['validate']:.2f}x" in result.stdout
     assert results["table_sizes"]["0"]["validate"]["rps"] > 0
     assert "x bare" in result.stdout
     assert results["warm_up_s"] == 1 and "warm-up run" in result.stdout
