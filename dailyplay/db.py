@@ -714,7 +714,8 @@ class Database:
 
     def note_full(self) -> None:
         """A write was refused because the disk (or the file's page limit) is full. The writer
-        thread calls this for every write it runs, a request's or a background task's."""
+        thread calls this for any write it ran that was refused so, a request's or a background
+        task's."""
         self._full_at = time.monotonic()
 
     def seconds_since_full(self) -> float | None:
