@@ -102,7 +102,7 @@ class DailyPlayTimeout(DailyPlayConnectionError):
 
 
 class BadRequest(DailyPlayError):
-    """400, 405, 408, 413 or 415: the request itself is wrong; the message says how."""
+    """400, 405, 408, 413, 415 or 431: the request itself is wrong; the message says how."""
 
 
 class Unauthorized(DailyPlayError):

@@ -108,6 +108,13 @@ def _operation(items: list[tuple[str, str]]) -> str | None:
     return "(invalid)"
 
 
+def new_request_id() -> str:
+    """32 hex digits, as uuid4().hex. An id names a request in logs and is no secret, so the
+    random module's generator (seeded from the OS in each process, and again after a fork) is
+    enough: no getrandom() system call per request."""
+    return f"{random.getrandbits(128):032x}"
+
+
 class RequestLogMiddleware:
     """Outermost layer: assigns the request id, echoes it, logs the request's line and hands
     its operation, status and latency to the metrics."""
@@ -123,14 +130,7 @@ class RequestLogMiddleware:
             return
         started = time.perf_counter()
         given = header(scope, REQUEST_ID_HEADER) or ""
-        # 32 hex digits, as uuid4().hex. An id names a request in logs and is no secret, so
-        # the random module's generator (seeded from the OS in each process, and again after a
-        # fork) is enough: no getrandom() system call per request.
-        request_id = (
-            given
-            if given and _GOOD_REQUEST_ID.fullmatch(given)
-            else f"{random.getrandbits(128):032x}"
-        )
+        request_id = given if given and _GOOD_REQUEST_ID.fullmatch(given) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -355,6 +356,73 @@ def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_as_a_server_error(
     assert "Traceback" not in log
     assert [line for line in json_lines(log) if line.get("level") == "error"] == []
     assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
+
+
+def _exchange(address: tuple[str, int], head: bytes, rest: bytes = b"") -> bytes:
+    """Send a request (its head in 1 KB writes, then rest) on a new connection; everything the
+    server sent before it closed the connection or went quiet."""
+    received = b""
+    with socket.create_connection(address, timeout=10) as conn:
+        try:
+            for start in range(0, len(head), 1024):
+                conn.sendall(head[start : start + 1024])
+            conn.sendall(rest)
+        except OSError:  # the server refused and closed while we were still sending
+            pass
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                received += chunk
+                if b"connection: close" not in received.lower() and received.endswith(b"}"):
+                    break
+    return received
+
+
+def test_a_request_head_over_16_kib_is_refused_with_431_and_the_server_goes_on(
+    settings, tmp_path
+) -> None:
+    """httptools buffers headers of any size; the server keeps h11's bound of 16 KiB for the
+    request line and headers, whether they arrive at once or never end, and answers 431 in the
+    API's error shape. A head within the bound is served, also when a large body arrives in
+    the same read."""
+    with serve(settings, tmp_path) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        address = (host, int(port))
+        line = b"X-Fill: " + b"a" * 1000 + b"\r\n"
+
+        def head(fill_lines: int, first: bytes = b"GET /healthz HTTP/1.1\r\n") -> bytes:
+            return first + b"Host: x\r\n" + line * fill_lines
+
+        within = _exchange(address, head(15) + b"\r\n")
+        assert within.startswith(b"HTTP/1.1 200 "), within[:200]
+        for refused in (
+            _exchange(address, head(17) + b"\r\n"),  # over the bound, complete
+            _exchange(address, head(20_000)),  # 20 MB of headers that never end
+            _exchange(address, b"GET /healthz?" + b"a" * 40_000),  # a request line that never ends
+        ):
+            assert refused.startswith(b"HTTP/1.1 431 "), refused[:200]
+            assert b"connection: close" in refused.lower()
+            assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", refused), refused[:300]
+            _head, _, body = refused.partition(b"\r\n\r\n")
+            assert json.loads(body) == {
+                "success": False,
+                "error": "the request line and headers are over 16 KiB",
+            }
+        # 8 KB of headers and a 60 KB body in one write: the head is within the bound.
+        body = json.dumps({"token": "x" * 60_000}).encode()
+        first = f"POST {API}?action=consume-session HTTP/1.1\r\n".encode()
+        big_body = _exchange(
+            address,
+            head(8, first) + b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode(),
+            body,
+        )  # fmt: skip
+        assert big_body.startswith(b"HTTP/1.1 400 "), big_body[:200]
+        assert b"token" in big_body
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+    lines = json_lines(server.log())
+    refusals = [entry for entry in lines if "its head is over" in entry.get("message", "")]
+    assert len(refusals) == 3 and all(entry["level"] == "warning" for entry in refusals)
+    assert [entry for entry in lines if entry.get("level") == "error"] == []
 
 
 def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, admin_headers) -> None:
