@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,23 @@ def test_purge_deletes_what_finished_before_the_cutoff_and_nothing_else(
     assert len(commits) == 2  # batches of 2: two transactions, none holding the lock for all
 
 
-def test_the_server_purges_in_the_background(
-    settings: config.Settings, states: dict[str, bytes]
+def _purge_in_the_background(
+    settings: config.Settings,
+    states: dict[str, bytes],
+    before: Callable[[], Awaitable[None]] | None = None,
+    **timing: float,
 ) -> None:
+    """Open a Database and run the server's retention task on it (run_retention's timing
+    keywords) until a pass has purged or 5 s have passed, then stop both; `before`, if given,
+    is awaited once the task has started."""
+
     async def main() -> None:
         database = db.Database(settings.database)
         await database.open()
-        task = asyncio.create_task(run_retention(database, 30, first_pass=0.05))
+        task = asyncio.create_task(run_retention(database, 30, **timing))
         try:
+            if before is not None:
+                await before()
             for _ in range(100):
                 await asyncio.sleep(0.05)
                 if len(_remaining(settings, states)) < 7:
@@ -107,6 +117,12 @@ def test_the_server_purges_in_the_background(
             await database.close()
 
     asyncio.run(main())
+
+
+def test_the_server_purges_in_the_background(
+    settings: config.Settings, states: dict[str, bytes]
+) -> None:
+    _purge_in_the_background(settings, states, first_pass=0.05)
     assert _remaining(settings, states) == KEPT
 
 
@@ -119,29 +135,18 @@ def test_a_pass_that_finds_the_database_busy_says_so_in_one_line_and_the_next_on
     blocker = sqlite3.connect(settings.database.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
 
-    async def main() -> None:
-        database = db.Database(settings.database)
-        await database.open()
-        task = asyncio.create_task(run_retention(database, 30, first_pass=0.01, interval=0.05))
-        try:
-            for _ in range(100):  # until a pass has found the lock held
-                await asyncio.sleep(0.02)
-                if "busy" in caplog.text:
-                    break
-            blocker.execute("ROLLBACK")
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if len(_remaining(settings, states)) < 7:
-                    break
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            await database.close()
+    async def release_once_a_pass_found_it_held() -> None:
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "busy" in caplog.text:
+                break
+        blocker.execute("ROLLBACK")
 
     try:
         with caplog.at_level(logging.INFO, logger="dailyplay"):
-            asyncio.run(main())
+            _purge_in_the_background(
+                settings, states, release_once_a_pass_found_it_held, first_pass=0.01, interval=0.05
+            )
     finally:
         blocker.close()
     assert _remaining(settings, states) == KEPT
