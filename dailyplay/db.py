@@ -471,7 +471,7 @@ class WriterThread:
         lock: WriterLock,
         committed: Callable[[], None],
         observe_commit: Callable[[float, int, bool], None] | None,
-        refused_for_space: Callable[[], None] = lambda: None,
+        refused_for_space: Callable[[], None],
     ):
         self.conn: sqlite3.Connection | None = None
         self._lock = lock
