@@ -190,6 +190,18 @@ def add_org(
     return org_id
 
 
+def cap_pages(conn: Any) -> None:
+    """The file may not grow past its size now: a write that needs a new page fails with
+    SQLITE_FULL, exactly as on a full disk (max_page_count holds for this connection)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def add_a_page(conn: Any) -> None:
+    """A write that needs a new page (a new table): refused with SQLITE_FULL after cap_pages."""
+    conn.execute("CREATE TABLE filler (x)")
+
+
 def sql(settings: config.Settings, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """Run one statement on the database file directly (to look, or to set up a state)."""
     conn = db.connect(settings.database)

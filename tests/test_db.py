@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_org, sql
+from conftest import add_a_page, add_org, cap_pages, sql
 
 from dailyplay import config, db
 
@@ -122,13 +122,6 @@ def test_a_failing_write_fails_alone_and_the_rest_of_its_group_commits(
     assert stored == {taken, *fresh}
 
 
-def cap_pages(conn: sqlite3.Connection) -> None:
-    """The file may not grow past its size now: a write that needs a new page fails with
-    SQLITE_FULL, exactly as on a full disk."""
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages}")
-
-
 def test_a_write_refused_for_want_of_space_is_noted_whoever_asked_for_it(
     settings: config.Settings, org: int
 ) -> None:
@@ -144,7 +137,7 @@ def test_a_write_refused_for_want_of_space_is_noted_whoever_asked_for_it(
         assert database.seconds_since_full() is None
         # A background task's write: a new table needs a page the file may not have.
         with pytest.raises(sqlite3.OperationalError) as refused:
-            await database.run_on_writer(lambda conn: conn.execute("CREATE TABLE filler (x)"))
+            await database.run_on_writer(add_a_page)
         assert db.is_full(refused.value) and not db.is_busy(refused.value)
         since = database.seconds_since_full()
         assert since is not None and 0 <= since < 5

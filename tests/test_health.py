@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from conftest import AppClient, assert_error, running_app, sql
+from conftest import AppClient, add_a_page, assert_error, cap_pages, running_app, sql
 
 from dailyplay import config, db
 
@@ -98,9 +98,8 @@ def test_readyz_is_503_after_a_background_write_was_refused_for_want_of_space(
         assert client.get("/readyz").status_code == 200
 
         def fill(conn: sqlite3.Connection) -> None:
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {pages}")
-            conn.execute("CREATE TABLE filler (x)")  # needs a page the file may not have
+            cap_pages(conn)
+            add_a_page(conn)
 
         with pytest.raises(sqlite3.OperationalError) as refused:
             client.portal.call(database.run_on_writer, fill)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 import pytest
-from conftest import API, World, assert_error, running_app, sql
+from conftest import API, World, assert_error, cap_pages, running_app, sql
 
 from dailyplay.app import FULL_RETRY_AFTER_SECONDS
 
@@ -274,11 +273,7 @@ def test_a_full_database_is_a_503_that_says_so_and_nothing_is_stored(
     assert created.status_code == 200
     token = created.json()["data"]["token"]
 
-    def cap(conn: Any) -> None:
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages}")
-
-    world.client.portal.call(db.run_on_writer, cap)
+    world.client.portal.call(db.run_on_writer, cap_pages)
     stored = sql(world.settings, "SELECT count(*) FROM sessions")[0][0]
     with caplog.at_level(logging.ERROR, logger="dailyplay"):
         for _ in range(500):  # until an insert needs a page the file may not have

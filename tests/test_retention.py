@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_org, cli_json, run_cli, sql
+from conftest import add_a_page, add_org, cap_pages, cli_json, run_cli, sql
 
 from dailyplay import config, db
 from dailyplay.background import log_failed_pass
@@ -164,10 +164,9 @@ def test_a_background_pass_logs_a_full_disk_in_one_line_and_a_fault_with_its_tra
 ) -> None:
     conn = db.connect(settings.database)
     try:
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages}")
+        cap_pages(conn)
         with pytest.raises(sqlite3.OperationalError) as full:
-            conn.execute("CREATE TABLE filler (x)")
+            add_a_page(conn)
     finally:
         conn.close()
     log = logging.getLogger("dailyplay.test")
