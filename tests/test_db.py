@@ -102,6 +102,54 @@ def test_a_token_asked_for_many_times_in_one_group_is_won_once(
     assert stored[expired][0] == "active"
 
 
+def test_reads_share_a_transaction_for_one_turn_of_the_loop_and_then_see_every_commit(
+    settings: config.Settings, org: int
+) -> None:
+    """The reads of one turn of the event loop share a snapshot (that is what saves each its
+    own transaction); a commit made elsewhere is seen from the next turn on, and the
+    transaction is not left open to hold checkpoints back."""
+    token = uuid.uuid4().bytes
+    run(settings, lambda d, _c: d.insert_session(session_values(org, token)))
+
+    async def scenario(database: db.Database, commits: list[str]) -> list[Any]:
+        seen = [(await database.get_session(token))["status"]]
+        other = sqlite3.connect(settings.database.path, isolation_level=None)
+        try:
+            other.execute("UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
+        finally:
+            other.close()
+        seen.append((await database.get_session(token))["status"])  # same turn
+        await asyncio.sleep(0)
+        seen.append((await database.get_session(token))["status"])
+        await asyncio.sleep(0)
+        seen.append(database.reader.in_transaction)  # reader starts the turn's transaction
+        await asyncio.sleep(0)
+        seen.append(database._reader is not None and database._reader.in_transaction)
+        return seen
+
+    assert run(settings, scenario) == ["active", "active", "consumed", True, False]
+
+
+def test_a_read_after_this_process_consumed_a_token_sees_it_consumed(
+    settings: config.Settings, org: int
+) -> None:
+    """A read that opened the turn's transaction before a consume was committed does not hide
+    the consume from the reads that follow it, however quickly the writer answers."""
+    tokens = [uuid.uuid4().bytes for _ in range(50)]
+    for token in tokens:
+        run(settings, lambda d, _c, t=token: d.insert_session(session_values(org, t)))
+
+    async def scenario(database: db.Database, commits: list[str]) -> list[str]:
+        statuses = []
+        for token in tokens:
+            assert (await database.get_session(token))["status"] == "active"
+            assert await database.consume_session(token, "player", NOW) is not None
+            statuses.append((await database.get_session(token))["status"])
+        return statuses
+
+    assert run(settings, scenario) == ["consumed"] * len(tokens)
+
+
 def test_a_failing_write_fails_alone_and_the_rest_of_its_group_commits(
     settings: config.Settings, org: int
 ) -> None:
