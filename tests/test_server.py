@@ -460,6 +460,47 @@ def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, adm
     assert len(pids) == 2
 
 
+def test_a_consumed_token_reads_as_consumed_at_once_in_every_worker(
+    settings, tmp_path, admin_headers
+) -> None:
+    """Each worker's reads share one transaction per turn of its event loop; none of them may
+    answer from a snapshot older than the request. A token validated (active), then consumed
+    by whichever worker, reads as consumed in the very next request to either."""
+    org, headers = admin_headers
+    with serve(settings, tmp_path, workers=2) as server:
+        created = httpx.post(
+            f"{server.url}{API}", json={"org_id": org, "name": "CRM"}, headers=headers
+        )
+        key = created.json()["data"]["key"]
+
+        def status(token: str) -> str:
+            # A fresh connection per request, so both workers answer some of them.
+            answer = httpx.get(f"{server.url}{API}?action=validate-session&token={token}")
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["data"]["status"])
+
+        seen: list[tuple[str, ...]] = []
+        for _ in range(30):
+            token = httpx.post(
+                f"{server.url}{API}?action=create-session",
+                json={"game_id": 1},
+                headers={"x-api-key": key},
+            ).json()["data"]["token"]
+            before = (status(token), status(token))
+            consumed = httpx.post(
+                f"{server.url}{API}?action=consume-session", json={"token": token}
+            )
+            assert consumed.status_code == 200, consumed.text
+            seen.append((*before, *(status(token) for _ in range(4))))
+    assert seen == [("active", "active", *["consumed"] * 4)] * 30
+    pids = {
+        line.split("[")[1].split("]")[0]
+        for line in server.log().splitlines()
+        if "Started server process" in line
+    }
+    assert len(pids) == 2
+
+
 def test_the_readme_schemathesis_line_passes_against_a_live_server(
     settings, tmp_path, admin_headers
 ) -> None:
