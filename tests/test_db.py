@@ -130,6 +130,43 @@ def test_reads_share_a_transaction_for_one_turn_of_the_loop_and_then_see_every_c
     assert run(settings, scenario) == ["active", "active", "consumed", True, False]
 
 
+def test_a_read_transaction_left_open_by_a_loop_that_stopped_is_never_read_from_again(
+    settings: config.Settings, org: int
+) -> None:
+    """A loop that stops right after a read never runs the callback that would end the read
+    transaction; the next read, on another loop, must not use that old snapshot."""
+    token = uuid.uuid4().bytes
+    run(settings, lambda d, _c: d.insert_session(session_values(org, token)))
+    database = db.Database(settings.database)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(database.open())
+
+        async def read_then_stop() -> str:
+            row = await database.get_session(token)
+            first.stop()  # before the turn that ends the read transaction
+            return str(row["status"])
+
+        task = first.create_task(read_then_stop())
+        first.run_forever()
+        assert task.result() == "active"
+        assert database._reader is not None and database._reader.in_transaction
+        other = sqlite3.connect(settings.database.path, isolation_level=None)
+        try:
+            other.execute("UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
+        finally:
+            other.close()
+
+        async def read() -> str:
+            return str((await database.get_session(token))["status"])
+
+        assert second.run_until_complete(read()) == "consumed"
+        second.run_until_complete(database.close())
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_read_after_this_process_consumed_a_token_sees_it_consumed(
     settings: config.Settings, org: int
 ) -> None:
