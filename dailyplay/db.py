@@ -726,8 +726,8 @@ class Database:
         except RuntimeError:
             loop = None
         if self._read_loop is not loop:
-            # A transaction still open here was left by a loop that stopped before its next
-            # turn: it is ended, never read from again.
+            # Not yet in this turn's transaction. One still open was left by a loop that
+            # stopped before its next turn: it is ended, never read from again.
             self._end_read()
             if loop is not None:
                 reader.execute("BEGIN")
