@@ -165,10 +165,11 @@ def is_full(exc: BaseException) -> bool:
     return _primary_code(exc) == sqlite3.SQLITE_FULL
 
 
-def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """A PASSIVE checkpoint (never waits for readers or the writer): (1 if it could not run
-    because another checkpoint was running else 0, frames in the WAL, frames copied)."""
-    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> tuple[int, int, int]:
+    """A checkpoint in `mode` (PASSIVE, the default, never waits for readers or the writer):
+    (1 if it could not finish, because another checkpoint was running or, for RESTART, a
+    reader stayed, else 0; frames in the WAL; frames copied)."""
+    busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
     return int(busy), int(frames), int(copied)
 
 
@@ -179,10 +180,9 @@ def checkpoint_to_start_over(conn: sqlite3.Connection, wait_ms: int) -> tuple[in
     (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
     conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
     try:
-        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        return checkpoint(conn, "RESTART")
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
-    return int(busy), int(frames), int(copied)
 
 
 @contextlib.contextmanager
