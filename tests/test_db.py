@@ -113,11 +113,7 @@ def test_reads_share_a_transaction_for_one_turn_of_the_loop_and_then_see_every_c
 
     async def scenario(database: db.Database, commits: list[str]) -> list[Any]:
         seen = [(await database.get_session(token))["status"]]
-        other = sqlite3.connect(settings.database.path, isolation_level=None)
-        try:
-            other.execute("UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
-        finally:
-            other.close()
+        sql(settings, "UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
         seen.append((await database.get_session(token))["status"])  # same turn
         await asyncio.sleep(0)
         seen.append((await database.get_session(token))["status"])
@@ -151,11 +147,7 @@ def test_a_read_transaction_left_open_by_a_loop_that_stopped_is_never_read_from_
         first.run_forever()
         assert task.result() == "active"
         assert database._reader is not None and database._reader.in_transaction
-        other = sqlite3.connect(settings.database.path, isolation_level=None)
-        try:
-            other.execute("UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
-        finally:
-            other.close()
+        sql(settings, "UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
 
         async def read() -> str:
             return str((await database.get_session(token))["status"])
@@ -484,11 +476,8 @@ def test_the_log_starts_over_after_a_checkpoint_finished_while_a_loop_turn_was_r
             await database.insert_session(session_values(org, uuid.uuid4().bytes))
         sequence = _wal_header(path)[1]
         await database.get_session(token)  # this turn's snapshot
-        other = sqlite3.connect(settings.database.path, isolation_level=None)
-        try:  # a commit after that snapshot
-            other.execute("UPDATE sessions SET game_id = 2 WHERE token = ?", (token,))
-        finally:
-            other.close()
+        # A commit after that snapshot.
+        sql(settings, "UPDATE sessions SET game_id = 2 WHERE token = ?", (token,))
         assert database._writer_thread is not None
         database._writer_thread.finish_checkpoint()
         time.sleep(0.005)  # the rest of a busy turn, the snapshot still held

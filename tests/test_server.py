@@ -425,6 +425,15 @@ def test_a_request_head_over_16_kib_is_refused_with_431_and_the_server_goes_on(
     assert [entry for entry in lines if entry.get("level") == "error"] == []
 
 
+def _worker_pids(server) -> set[str]:
+    """The process ids of the workers that started, as uvicorn logs them."""
+    return {
+        line.split("[")[1].split("]")[0]
+        for line in server.log().splitlines()
+        if "Started server process" in line
+    }
+
+
 def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, admin_headers) -> None:
     org, headers = admin_headers
     with serve(settings, tmp_path, workers=2) as server:
@@ -452,12 +461,7 @@ def test_revocation_takes_effect_at_once_in_every_worker(settings, tmp_path, adm
         )
         assert revoke.status_code == 200
         assert create_sessions(20) == Counter({401: 20})
-    pids = {
-        line.split("[")[1].split("]")[0]
-        for line in server.log().splitlines()
-        if "Started server process" in line
-    }
-    assert len(pids) == 2
+    assert len(_worker_pids(server)) == 2
 
 
 def test_a_consumed_token_reads_as_consumed_at_once_in_every_worker(
@@ -493,12 +497,7 @@ def test_a_consumed_token_reads_as_consumed_at_once_in_every_worker(
             assert consumed.status_code == 200, consumed.text
             seen.append((*before, *(status(token) for _ in range(4))))
     assert seen == [("active", "active", *["consumed"] * 4)] * 30
-    pids = {
-        line.split("[")[1].split("]")[0]
-        for line in server.log().splitlines()
-        if "Started server process" in line
-    }
-    assert len(pids) == 2
+    assert len(_worker_pids(server)) == 2
 
 
 def test_the_readme_schemathesis_line_passes_against_a_live_server(
