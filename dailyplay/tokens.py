@@ -11,7 +11,14 @@ Layout (16 bytes, RFC 9562 field positions):
   after a wrap new tokens sort among old ones of the same tick, still all in one place)
 - version nibble 4 and the RFC variant bits, as a random (version 4) UUID has them, so that
   every client that checks a token's version accepts these as it accepted random ones
-- the other 106 bits from the operating system's CSPRNG (os.urandom, as uuid.uuid4 uses)
+- the other 106 bits from OpenSSL's CSPRNG (`ssl.RAND_bytes`: a DRBG seeded from the operating
+  system, reseeded in a forked child; os.urandom where Python was built without OpenSSL)
+
+Why not os.urandom, as uuid.uuid4 uses: its getrandom() call releases the GIL for about half a
+microsecond, and under create-session load the writer thread is nearly always waiting for the
+GIL, so it took it there and the event loop waited 15-17 µs (median, measured in a served
+worker) to get it back, on every create. RAND_bytes keeps the GIL (docs/performance.md,
+"Thirteenth session").
 
 106 random bits are far past guessing (OWASP asks at least 64 bits of a session identifier's
 entropy); the clock bits tell a token's holder only the time of day modulo 68 minutes, to
@@ -22,6 +29,11 @@ from __future__ import annotations
 
 import os
 import uuid
+
+try:
+    from ssl import RAND_bytes as _random_bytes
+except ImportError:  # a Python built without OpenSSL
+    _random_bytes = os.urandom
 
 TICKS_PER_SECOND = 16
 CLOCK_BITS = 16
@@ -40,6 +52,6 @@ def clock_prefix(now_ms: int) -> int:
 
 def new_session_token(now_ms: int) -> uuid.UUID:
     """A fresh session token for a creation at now_ms."""
-    random_bits = int.from_bytes(os.urandom(16)) & _RANDOM_PART
+    random_bits = int.from_bytes(_random_bytes(16)) & _RANDOM_PART
     value = (clock_prefix(now_ms) << _CLOCK_SHIFT | random_bits) & _VERSION_MASK | _VERSION_4
     return uuid.UUID(int=value)

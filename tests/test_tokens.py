@@ -3,6 +3,9 @@ version-4 UUID shape clients may check."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +48,44 @@ def test_every_other_bit_is_random() -> None:
         ones = sum(token >> bit & 1 for token in tokens)
         # 2,000 fair coin flips: 1,000 +- 150 is more than 6 standard deviations wide.
         assert 850 <= ones <= 1150, f"bit {bit} was set in {ones} of 2000 tokens"
+
+
+def test_a_forked_child_draws_other_tokens_than_its_parent() -> None:
+    """The random bits come from a generator kept in the process (OpenSSL's): a child forked
+    from a worker must not repeat the tokens its parent makes next."""
+    new_session_token(NOW)  # the generator is seeded before the fork
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next 500 tokens, then out without pytest's clean-up
+        try:
+            os.close(read_end)
+            os.write(write_end, b"".join(new_session_token(NOW).bytes for _ in range(500)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    parents = {new_session_token(NOW).bytes for _ in range(500)}
+    received = b""
+    with os.fdopen(read_end, "rb") as pipe:
+        received = pipe.read()
+    os.waitpid(pid, 0)
+    childs = {received[i : i + 16] for i in range(0, len(received), 16)}
+    assert len(childs) == 500
+    assert not parents & childs
+
+
+def test_without_openssl_the_random_bits_come_from_the_os() -> None:
+    """A Python built without the ssl module still makes tokens (os.urandom)."""
+    script = (
+        "import sys; sys.modules['ssl'] = None\n"
+        "import os\n"
+        "from dailyplay import tokens\n"
+        "assert tokens._random_bytes is os.urandom\n"
+        "print(tokens.new_session_token(1_800_000_000_000))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert uuid.UUID(out.strip()).version == 4
 
 
 def _frames_written_by_one_insert(
