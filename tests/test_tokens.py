@@ -57,20 +57,22 @@ def test_a_forked_child_draws_other_tokens_than_its_parent() -> None:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next 500 tokens, then out without pytest's clean-up
+        status = 1
         try:
             os.close(read_end)
             os.write(write_end, b"".join(new_session_token(NOW).bytes for _ in range(500)))
+            status = 0
         finally:
-            os._exit(0)
+            os._exit(status)
     os.close(write_end)
-    parents = {new_session_token(NOW).bytes for _ in range(500)}
-    received = b""
+    parent_tokens = {new_session_token(NOW).bytes for _ in range(500)}
     with os.fdopen(read_end, "rb") as pipe:
         received = pipe.read()
-    os.waitpid(pid, 0)
-    childs = {received[i : i + 16] for i in range(0, len(received), 16)}
-    assert len(childs) == 500
-    assert not parents & childs
+    _pid, status = os.waitpid(pid, 0)
+    assert status == 0
+    child_tokens = {received[i : i + 16] for i in range(0, len(received), 16)}
+    assert len(child_tokens) == 500
+    assert not parent_tokens & child_tokens
 
 
 def test_without_openssl_the_random_bits_come_from_the_os() -> None:
