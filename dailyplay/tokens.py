@@ -16,7 +16,7 @@ Layout (16 bytes, RFC 9562 field positions):
 
 Why not os.urandom, as uuid.uuid4 uses: its getrandom() call releases the GIL for about half a
 microsecond, and under create-session load the writer thread is nearly always waiting for the
-GIL, so it took it there and the event loop waited 15-17 µs (median, measured in a served
+GIL, so it took it there and the event loop waited 15-18 µs (median, measured in a served
 worker) to get it back, on every create. RAND_bytes keeps the GIL (docs/performance.md,
 "Thirteenth session").
 
