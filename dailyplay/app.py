@@ -358,6 +358,7 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
                 yield
         finally:
             app.state.services.deadlines.close()
+            await jwt_verifier.aclose()
             await db.close()
 
     def logged_client_ip(scope: Scope) -> str:

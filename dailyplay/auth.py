@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +14,10 @@ from jwt.exceptions import InvalidSubjectError
 from .config import AuthSettings, ConfigError
 from .db import Database
 from .errors import ApiError
+from .jwks import JwksUnavailable, RemoteKeySet
 
 # Asymmetric only: `none` and HS* are never accepted, whatever the token header says.
 ALLOWED_ALGORITHMS = ("RS256", "ES256")
-# An unknown `kid` refetches the JWKS (key rotation), but not more often than this, so that
-# tokens with made-up kids cannot turn the service into a JWKS request amplifier.
-MIN_JWKS_REFRESH_SECONDS = 10.0
 MAX_TOKEN_BYTES = 8192
 
 
@@ -63,9 +59,7 @@ class JwtVerifier:
         self.settings = settings
         self._static_key: Any = None
         self._static_alg = ""
-        self._jwks: jwt.PyJWKClient | None = None
-        self._jwks_lock = asyncio.Lock()
-        self._last_refresh = 0.0
+        self._jwks: RemoteKeySet | None = None
         if settings.jwt_public_key:
             path = Path(settings.jwt_public_key)
             try:
@@ -78,12 +72,10 @@ class JwtVerifier:
                 raise ConfigError(f"auth.jwt_public_key {path} is not a PEM public key") from None
             self._static_alg = _algorithm_for_key(self._static_key)
         elif settings.jwks_url:
-            self._jwks = jwt.PyJWKClient(
+            self._jwks = RemoteKeySet(
                 settings.jwks_url,
-                cache_keys=False,
-                cache_jwk_set=True,
-                lifespan=settings.jwks_cache_seconds,
-                timeout=settings.jwks_timeout_seconds,
+                timeout_seconds=settings.jwks_timeout_seconds,
+                cache_seconds=settings.jwks_cache_seconds,
             )
 
     @property
@@ -155,44 +147,29 @@ class JwtVerifier:
             raise ApiError(401, "invalid bearer token: authorized party (azp) not allowed")
         return Principal(user_id=sub, claims=claims)
 
+    async def aclose(self) -> None:
+        """Stop a JWKS fetch in flight (at shutdown)."""
+        if self._jwks is not None:
+            await self._jwks.aclose()
+
     async def _jwks_key(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
         assert self._jwks is not None
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise ApiError(401, "invalid bearer token: no key id (kid)")
-        jwk = await self._find_jwk(kid, refresh=False)
-        if jwk is None and time.monotonic() - self._last_refresh >= MIN_JWKS_REFRESH_SECONDS:
-            jwk = await self._find_jwk(kid, refresh=True)
+        try:
+            jwk = await self._jwks.signing_key(kid)
+        except JwksUnavailable as exc:
+            raise ApiError(
+                503,
+                f"cannot verify the bearer token: {exc.reason}; try again later",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
         if jwk is None:
             raise ApiError(401, "invalid bearer token: unknown signing key")
         if jwk.algorithm_name not in ALLOWED_ALGORITHMS:
             raise ApiError(401, "invalid bearer token: signing key type not accepted")
         return jwk.key, [jwk.algorithm_name]
-
-    async def _find_jwk(self, kid: str, refresh: bool) -> jwt.PyJWK | None:
-        client = self._jwks
-        assert client is not None
-        async with self._jwks_lock:
-            if refresh:
-                self._last_refresh = time.monotonic()
-            try:
-                # PyJWKClient fetches with blocking urllib: keep it off the event loop.
-                keys = await asyncio.to_thread(client.get_signing_keys, refresh)
-            except jwt.PyJWKClientConnectionError:
-                raise ApiError(
-                    503,
-                    "cannot reach the JWKS endpoint to verify the bearer token; try again",
-                    headers={"Retry-After": "5"},
-                ) from None
-            except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-                raise ApiError(
-                    503,
-                    "the JWKS endpoint returned an invalid key set",
-                    headers={"Retry-After": "5"},
-                ) from None
-            if not refresh and self._last_refresh == 0.0:
-                self._last_refresh = time.monotonic()
-        return next((k for k in keys if k.key_id == kid), None)
 
 
 async def org_role(db: Database, principal: Principal, org_id: int) -> str | None:

@@ -58,8 +58,12 @@ class AuthSettings:
     audience: str = _setting("", "required `aud` claim (empty: tokens carrying `aud` are refused)")
     authorized_parties: list[str] = _setting([], "allowed `azp` values (empty: not checked)")
     leeway_seconds: int = _setting(5, "clock skew tolerated on exp/nbf/iat")
-    jwks_cache_seconds: int = _setting(300, "how long a fetched JWKS is reused")
-    jwks_timeout_seconds: int = _setting(5, "timeout for fetching the JWKS")
+    jwks_cache_seconds: int = _setting(
+        300, "age at which a fetched JWKS is refreshed (in the background)"
+    )
+    jwks_timeout_seconds: int = _setting(
+        5, "deadline for a whole JWKS fetch: connect, headers, body"
+    )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import API, SigningKey, World, add_org, assert_error, claims_for, running_app, sql
-from test_auth import JwksServer
+from test_jwks import JwksServer
 
 from dailyplay import config
 from dailyplay.keys import generate_api_key
