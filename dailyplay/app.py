@@ -30,7 +30,7 @@ from .db import SCHEMA_VERSION, Database, is_busy, is_full
 from .deadlines import Deadlines
 from .errors import ApiError
 from .keys import ApiKeyVerifier, KeyStates
-from .logs import RequestLogMiddleware
+from .logs import RequestLines, RequestLogMiddleware
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .metrics import flushing as flushing_metrics
@@ -203,6 +203,8 @@ class DailyPlayApp(Starlette):
     """
 
     api: ASGIApp | None = None
+    # This process's request lines on their way to stderr (see dailyplay.logs.RequestLines).
+    request_lines: RequestLines | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -327,6 +329,9 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
     metrics = Metrics()
     # With metrics off nothing reads them: skip the per-request and per-commit observations.
     observed = metrics if settings.metrics.enabled else None
+    lines = RequestLines(
+        settings.server.log_format, on_drop=observed.log_line_dropped if observed else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -349,6 +354,7 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
         # Everything made so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise walk it every few seconds under load (tens of ms each).
         gc.freeze()
+        lines.start()
         try:
             async with (
                 running(run_retention(db, settings.sessions.retention_days)),
@@ -360,12 +366,13 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
             app.state.services.deadlines.close()
             await jwt_verifier.aclose()
             await db.close()
+            lines.close()
 
     def logged_client_ip(scope: Scope) -> str:
         return client_ip(Request(scope), trusted)
 
     middleware = [
-        Middleware(RequestLogMiddleware, client_ip=logged_client_ip, metrics=observed),
+        Middleware(RequestLogMiddleware, client_ip=logged_client_ip, metrics=observed, lines=lines),
         Middleware(ConcurrencyLimit, capacity=Capacity(settings.server.max_concurrent_requests)),
     ]
     if settings.cors.allow_origins:
@@ -400,6 +407,7 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
     for layer in reversed(middleware):
         api = layer.cls(api, *layer.args, **layer.kwargs)
     app.api = api
+    app.request_lines = lines
     return app
 
 

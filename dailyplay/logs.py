@@ -5,17 +5,28 @@ A-Z a-z 0-9 . _ : -), else a new one; it is returned in the X-Request-ID respons
 logged with the request. A line never carries a raw API key, session token or bearer JWT: the
 query string is not logged at all, only the operation its `action` names, and an API key
 appears as its public 8-character prefix.
+
+Request lines do not go through the `logging` module's handlers: each is encoded once and kept
+in memory, and a thread writes them to stderr in batches (RequestLines). Other lines (start and
+stop, warnings, errors) go through `logging` as usual.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import os
 import random
 import re
+import select
+import stat
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .clock import iso_from_ms
@@ -72,12 +83,10 @@ def _logged_request_id(request_id: str) -> str:
 
 
 class RedactSecretsFilter(logging.Filter):
-    """Redacts tokens and keys from other loggers' lines (uvicorn's errors may quote a request
-    line); request lines are built from redacted fields already and pass untouched."""
+    """Redacts tokens and keys from log lines (uvicorn's errors may quote a request line);
+    request lines, built from redacted fields, do not pass through logging."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == access_log.name:
-            return True
         if isinstance(record.args, tuple):
             record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args)
         if isinstance(record.msg, str):
@@ -115,14 +124,177 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+# Request lines wait in memory at most this long (plus the time stderr takes to accept them).
+FLUSH_SECONDS = 0.1
+# ... or until this much is waiting.
+FLUSH_BYTES = 64 * 1024
+# Lines kept while stderr does not take them (a stuck pipe); past this, new lines are dropped
+# and counted instead of holding up requests.
+MAX_BUFFERED_BYTES = 1024 * 1024
+# A write of at most PIPE_BUF bytes to a pipe is never split by another process's write, so
+# several workers sharing one stderr pipe never tear each other's lines.
+PIPE_CHUNK = select.PIPE_BUF
+FILE_CHUNK = 64 * 1024
+
+
+def encode_line(line: dict[str, Any], log_format: str) -> bytes:
+    """A request's line (time, level, logger and ACCESS_FIELDS, in that order), newline
+    included: its JSON object, or `time INFO    GET /path operation status ms extras` for a
+    terminal."""
+    if log_format == "text":
+        extras = " ".join(
+            f"{k}={line[k]}"
+            for k in ("org_id", "key_id", "key_prefix", "user_id", "client_ip", "request_id")
+            if line[k] is not None
+        )
+        return (
+            f"{line['time']} INFO    {line['method']} {line['path']} {line['operation'] or '-'}"
+            f" {line['status']} {line['latency_ms']}ms {extras}\n"
+        ).encode(errors="backslashreplace")
+    return orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _warning_line(message: str, log_format: str) -> bytes:
+    when = iso_from_ms(time.time_ns() // 1_000_000)
+    if log_format == "text":
+        return f"{when} WARNING {message}\n".encode()
+    line = {"time": when, "level": "warning", "logger": access_log.name, "message": message}
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class RequestLines:
+    """Request lines on their way to stderr: add() keeps a line in memory (the request path
+    pays for encoding it and a list append), and a thread writes what has gathered every
+    FLUSH_SECONDS, at FLUSH_BYTES, and at close().
+
+    What can be lost: on kill -9 (or a crash), the lines of the last FLUSH_SECONDS; on a clean
+    stop, nothing. A stderr that takes nothing (a stuck pipe) never holds up a request: past
+    MAX_BUFFERED_BYTES new lines are dropped, counted (on_drop; the metric
+    dailyplay_log_lines_dropped_total), and reported in one warning line once stderr takes
+    lines again.
+    """
+
+    def __init__(
+        self,
+        log_format: str,
+        fd: int = 2,
+        on_drop: Callable[[], None] | None = None,
+    ):
+        self.log_format = log_format
+        self.fd = fd
+        self.on_drop = on_drop
+        self.dropped = 0  # lines dropped since the start
+        self._reported = 0  # of those, already reported in a warning line
+        # add() appends on the event loop's thread and flush() takes from the other end; each
+        # byte count is changed by one side only, so the request path takes no lock.
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._added = 0  # bytes queued since the start (add)
+        self._written = 0  # bytes written since the start (flush)
+        self._write_lock = threading.Lock()  # one flush at a time keeps lines in order
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        try:
+            self._chunk = PIPE_CHUNK if stat.S_ISFIFO(os.fstat(fd).st_mode) else FILE_CHUNK
+        except OSError:
+            self._chunk = PIPE_CHUNK
+
+    def add(self, line: dict[str, Any]) -> None:
+        """Queue one request's line (see encode_line)."""
+        encoded = encode_line(line, self.log_format)
+        waiting = self._added - self._written + len(encoded)
+        if waiting > MAX_BUFFERED_BYTES:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
+            return
+        self._lines.append(encoded)
+        self._added += len(encoded)
+        if waiting >= FLUSH_BYTES and not self._wake.is_set():
+            self._wake.set()
+
+    def start(self) -> None:
+        """Start the writing thread (in the process that serves, after any fork)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="dailyplay-request-lines", daemon=True
+            )
+            self._thread.start()
+
+    def flush(self) -> None:
+        """Write every line gathered so far (blocks while stderr does)."""
+        with self._write_lock:
+            lines = []
+            take = self._lines.popleft
+            while self._lines:
+                lines.append(take())
+            if lines:
+                self._write(lines)
+                self._written += sum(map(len, lines))
+            if self.dropped != self._reported:
+                count, self._reported = self.dropped - self._reported, self.dropped
+                message = f"{count} request lines were dropped: stderr did not take them in time"
+                self._write([_warning_line(message, self.log_format)])
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is left and stop the thread; gives up after timeout if stderr is stuck."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self.flush()
+
+    def _run(self) -> None:
+        while not self._closing:
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            self._flush_logging_errors()
+        self._flush_logging_errors()
+
+    def _flush_logging_errors(self) -> None:
+        try:
+            self.flush()
+        except OSError as exc:
+            # stderr closed or broken: nothing to write to, and nobody to tell but logging.
+            logging.getLogger("dailyplay").warning("request lines not written: %s", exc)
+
+    def _write(self, lines: list[bytes]) -> None:
+        chunk = bytearray()
+        for line in lines:
+            if chunk and len(chunk) + len(line) > self._chunk:
+                self._write_all(chunk)
+                chunk = bytearray()
+            chunk += line
+        if chunk:
+            self._write_all(chunk)
+
+    def _write_all(self, data: bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:  # a non-blocking stderr that is full: wait until writable
+                select.select([], [self.fd], [], FLUSH_SECONDS)
+                continue
+            view = view[written:]
+
+
 class RequestLogMiddleware:
-    """Outermost layer: assigns the request id, echoes it, logs the request's line and hands
+    """Outermost layer: assigns the request id, echoes it, writes the request's line and hands
     its operation, status and latency to the metrics."""
 
-    def __init__(self, app: ASGIApp, client_ip: Any = None, metrics: Any = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        client_ip: Any = None,
+        metrics: Any = None,
+        lines: RequestLines | None = None,
+    ):
         self.app = app
         self.client_ip = client_ip  # (scope) -> str, trusting proxies as the API does
         self.metrics = metrics  # a metrics.Metrics, or None
+        self.lines = lines  # where request lines go; None: nowhere
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -147,7 +319,7 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            logged = access_log.isEnabledFor(logging.INFO)
+            logged = self.lines is not None and access_log.isEnabledFor(logging.INFO)
             if logged or self.metrics is not None:
                 seconds = time.perf_counter() - started
                 operation = _operation(request_query(scope))
@@ -159,28 +331,30 @@ class RequestLogMiddleware:
                     self._log(scope, status, operation, seconds)
 
     def _log(self, scope: Scope, status: int, operation: str | None, seconds: float) -> None:
-        fields: dict[str, Any] = {
-            "request_id": _logged_request_id(scope["state"]["request_id"]),
-            "method": scope["method"],
-            "path": _logged_path(scope["path"]),
-            "operation": operation,
-            "status": status,
-            "latency_ms": round(seconds * 1000, 2),
-        }
-        noted = scope["state"].get("log", {})
-        fields.update({k: noted[k] for k in REQUEST_FIELDS if k in noted})
+        assert self.lines is not None
+        noted = scope["state"].get("log") or {}
         peer = scope.get("client")
-        fields["client_ip"] = (
-            self.client_ip(scope) if self.client_ip else (peer[0] if peer else None)
+        # Built in its final order (time, level, logger, ACCESS_FIELDS): encoded as it is.
+        self.lines.add(
+            {
+                "time": iso_from_ms(time.time_ns() // 1_000_000),
+                "level": "info",
+                "logger": access_log.name,
+                "request_id": _logged_request_id(scope["state"]["request_id"]),
+                "method": scope["method"],
+                "path": _logged_path(scope["path"]),
+                "operation": operation,
+                "status": status,
+                "latency_ms": round(seconds * 1000, 2),
+                "org_id": noted.get("org_id"),
+                "key_id": noted.get("key_id"),
+                "key_prefix": noted.get("key_prefix"),
+                "user_id": noted.get("user_id"),
+                "client_ip": (
+                    self.client_ip(scope) if self.client_ip else (peer[0] if peer else None)
+                ),
+            }
         )
-        # makeRecord + handle: Logger.info would also walk the stack for the caller's file and
-        # line, which no format here shows (a few microseconds per request).
-        record = access_log.makeRecord(
-            access_log.name, logging.INFO, __file__, 0, "%s %s %s %s",
-            (fields["method"], fields["path"], fields["operation"] or "-", status), None,
-            extra={"fields": fields},
-        )  # fmt: skip
-        access_log.handle(record)
 
 
 def _utc(record: logging.LogRecord) -> str:
@@ -188,42 +362,25 @@ def _utc(record: logging.LogRecord) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and a request's fields."""
+    """One JSON object per line: time, level, logger, message."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": _utc(record),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "message": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            line.update({k: fields.get(k) for k in ACCESS_FIELDS})
-        else:
-            line["message"] = record.getMessage()
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
 class TextFormatter(logging.Formatter):
-    """For a terminal: `time level message`, a request as `GET /path operation status ms`."""
+    """For a terminal: `time level message`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            extras = " ".join(
-                f"{k}={fields[k]}"
-                for k in ("org_id", "key_id", "key_prefix", "user_id", "client_ip", "request_id")
-                if fields.get(k) is not None
-            )
-            message = (
-                f"{fields['method']} {fields['path']} {fields['operation'] or '-'}"
-                f" {fields['status']} {fields['latency_ms']}ms {extras}"
-            )
-        else:
-            message = record.getMessage()
-        text = f"{_utc(record)} {record.levelname:<7} {message}"
+        text = f"{_utc(record)} {record.levelname:<7} {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

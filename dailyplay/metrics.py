@@ -149,6 +149,10 @@ class Metrics:
             "dailyplay_db_busy_errors",
             "Requests answered 503 because the database stayed locked past its timeout",
         )
+        self.log_lines_dropped = counter(
+            "dailyplay_log_lines_dropped",
+            "Request log lines dropped because stderr did not take them in time",
+        )
         # Label children are looked up once per label value, not per request.
         self._per_request: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._errors: dict[tuple[str, str], Any] = {}
@@ -194,6 +198,9 @@ class Metrics:
 
     def session_consumed(self) -> None:
         self._inc(self.sessions_consumed)
+
+    def log_line_dropped(self) -> None:
+        self._inc(self.log_lines_dropped)
 
     def observe_request(
         self, method: str, path: str, action: str | None, status: int, seconds: float

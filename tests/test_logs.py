@@ -4,37 +4,74 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
+import httpx
 import pytest
-from conftest import API, World, assert_error, run_cli
+from conftest import (
+    API,
+    AppClient,
+    Server,
+    World,
+    assert_error,
+    dailyplay_command,
+    free_port,
+    run_cli,
+    running_app,
+    serve,
+    stop,
+    wait_until_serving,
+    write_config,
+)
 
 from dailyplay.inputs import query_items
-from dailyplay.logs import JsonFormatter, RedactSecretsFilter, TextFormatter, _operation
+from dailyplay.logs import ACCESS_FIELDS, FLUSH_SECONDS, RedactSecretsFilter, _operation
 
 
-class Lines(logging.Handler):
-    def __init__(self, formatter: logging.Formatter):
-        super().__init__(logging.INFO)
-        self.setFormatter(formatter)
-        self.lines: list[str] = []
+class Lines:
+    """The request lines an in-process app wrote to stderr (fd 2, which pytest captures)."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+    def __init__(
+        self, capfd: pytest.CaptureFixture[str], client: AppClient, marker: str = "dailyplay.access"
+    ):
+        self.capfd = capfd
+        self.client = client
+        self.marker = marker  # what tells a request line from anything else on stderr
+        self.text = ""
+
+    @property
+    def lines(self) -> list[str]:
+        assert self.client.app.request_lines is not None
+        self.client.app.request_lines.flush()
+        self.text += self.capfd.readouterr().err
+        return [line for line in self.text.splitlines() if self.marker in line]
 
 
 @pytest.fixture
-def json_lines() -> Iterator[Lines]:
+def access_lines_on() -> Iterator[None]:
+    """Request lines on, as with the default server.log_level (info)."""
     logger = logging.getLogger("dailyplay.access")
-    handler = Lines(JsonFormatter())
     level = logger.level
-    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
+    yield
     logger.setLevel(level)
+
+
+@pytest.fixture
+def json_lines(world: World, capfd: pytest.CaptureFixture[str], access_lines_on: None) -> Lines:
+    capfd.readouterr()
+    return Lines(capfd, world.client)
 
 
 def test_a_good_request_id_is_kept_and_returned(world: World) -> None:
@@ -73,7 +110,8 @@ def test_each_request_logs_one_line_with_who_and_what(world: World, json_lines: 
     listed = world.client.get(f"{API}?org_id={world.org_id}", headers=bearer)
     wrong_key = world.create_session(key[:-4] + "0000")
     assert_error(wrong_key, 401)
-    lines = [json.loads(line) for line in json_lines.lines]
+    logged = json_lines.lines
+    lines = [json.loads(line) for line in logged]
     assert len(lines) == 6
     by_op = {line["operation"]: line for line in lines}
     assert by_op[None]["status"] == 200  # createApiKey and listApiKeys have no action
@@ -103,25 +141,37 @@ def test_each_request_logs_one_line_with_who_and_what(world: World, json_lines: 
     assert listed.status_code == 200
     assert listing[0]["user_id"] == world.admin and listing[0]["org_id"] == world.org_id
     # Never a raw key, its secret part, a token or a JWT.
-    text = "\n".join(json_lines.lines)
+    text = "\n".join(logged)
     jwt = bearer["authorization"].split()[1]
     for secret in (key, key[8:], token, jwt, jwt.split(".")[2]):
         assert secret not in text
 
 
-def test_text_lines_read_well_in_a_terminal(world: World) -> None:
-    logger = logging.getLogger("dailyplay.access")
-    handler = Lines(TextFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        world.client.get("/healthz", headers={"x-request-id": "abc"})
-    finally:
-        logger.removeHandler(handler)
+def test_text_lines_read_well_in_a_terminal(
+    make_settings, capfd: pytest.CaptureFixture[str], access_lines_on: None
+) -> None:
+    with running_app(make_settings(server={"log_format": "text"})) as client:
+        capfd.readouterr()
+        client.get("/healthz", headers={"x-request-id": "abc"})
+        lines = Lines(capfd, client, marker=" INFO    GET ").lines
+    assert len(lines) == 1
     assert re.fullmatch(
         r"\S+Z INFO    GET /healthz - 200 [\d.]+ms client_ip=198\.51\.100\.7 request_id=abc",
-        handler.lines[0],
+        lines[0],
     )
+
+
+def test_request_lines_are_off_below_info(world: World, capfd: pytest.CaptureFixture[str]) -> None:
+    """server.log_level = "warning" (the dailyplay.access logger not at info) writes none."""
+    logger = logging.getLogger("dailyplay.access")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        capfd.readouterr()
+        world.client.get("/healthz")
+        assert Lines(capfd, world.client).lines == []
+    finally:
+        logger.setLevel(level)
 
 
 def test_serve_rejects_an_unknown_log_format(tmp_path) -> None:
@@ -170,14 +220,15 @@ def test_secrets_sent_in_the_path_or_request_id_stay_out_of_the_line(
     world.client.get(f"{API}?action=validate-session&token={token}", headers={"x-request-id": key})
     kept = "550e8400-e29b-41d4-a716-446655440000"
     world.client.get(f"{API}?action=validate-session&token={token}", headers={"x-request-id": kept})
-    lines = [json.loads(line) for line in json_lines.lines[-4:]]
+    logged = json_lines.lines
+    lines = [json.loads(line) for line in logged[-4:]]
     assert [line["path"] for line in lines[:2]] == [
         f"/{key[:8]}[redacted]",
         "/sessions/[redacted]/x&token=[redacted]",
     ]
     assert lines[2]["request_id"] == f"{key[:8]}[redacted]"
     assert lines[3]["request_id"] == kept  # a UUID request id is the caller's, not a secret
-    text = "\n".join(json_lines.lines)
+    text = "\n".join(logged)
     assert key[8:] not in text and token not in text
 
 
@@ -188,3 +239,119 @@ def test_other_loggers_lines_are_redacted_by_the_filter() -> None:
     )  # fmt: skip
     assert RedactSecretsFilter().filter(record)
     assert record.getMessage() == "bad request GET /api?token=[redacted]&k=dpk_aaaa[redacted]"
+
+
+# --- through `dailyplay serve`: every line written, none torn, none holding up a request ----------
+
+
+def request_lines(log: str) -> dict[str, dict[str, Any]]:
+    """The request lines of a server's log by request id; every line of the log must be a whole
+    JSON object (none torn by another worker's write)."""
+    found: dict[str, dict[str, Any]] = {}
+    for text in log.splitlines():
+        if not text.startswith('{"time":'):
+            continue  # the command's own announcement on stdout; a torn line fails below
+        line = json.loads(text)
+        if line.get("logger") == "dailyplay.access":
+            assert list(line) == ["time", "level", "logger", *ACCESS_FIELDS], line
+            assert line["request_id"] not in found, f"two lines for {line['request_id']}"
+            found[line["request_id"]] = line
+    return found
+
+
+def send_tagged(url: str, tag: str, count: int, threads: int = 1) -> set[str]:
+    """count requests (validate-session of unknown tokens, and /healthz) from threads, each
+    with its own X-Request-ID; returns the ids."""
+
+    def run(worker: int) -> set[str]:
+        ids = set()
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for i in range(count // threads):
+                request_id = f"{tag}-{worker}-{i}"
+                path = (
+                    f"{API}?action=validate-session&token={uuid.uuid4()}" if i % 2 else "/healthz"
+                )
+                response = client.get(path, headers={"x-request-id": request_id})
+                assert response.status_code in (200, 404)
+                ids.add(request_id)
+        return ids
+
+    with ThreadPoolExecutor(threads) as pool:
+        return set().union(*pool.map(run, range(threads)))
+
+
+@pytest.mark.slow
+def test_every_request_gets_one_whole_line_across_workers_and_sigterm_writes_them_all(
+    settings, tmp_path: Path
+) -> None:
+    with serve(settings, tmp_path, workers=2) as server:
+        sent = send_tagged(server.url, "burst", 800, threads=8)
+        stop(server.process)  # at once: the last lines are still in memory
+        log = server.log()
+    lines = request_lines(log)
+    assert sent <= set(lines), f"{len(sent - set(lines))} requests have no line"
+    assert {lines[i]["status"] for i in sent} == {200, 404}
+    assert all(lines[i]["client_ip"] == "127.0.0.1" for i in sent)
+
+
+@pytest.mark.slow
+def test_kill_9_loses_no_line_older_than_the_flush_interval(settings, tmp_path: Path) -> None:
+    with serve(settings, tmp_path) as server:
+        sent = send_tagged(server.url, "before-kill", 200)
+        time.sleep(5 * FLUSH_SECONDS)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        log = server.log()
+    assert sent <= set(request_lines(log))
+
+
+@pytest.mark.slow
+def test_a_stderr_nobody_reads_does_not_hold_up_requests(settings, tmp_path: Path) -> None:
+    """stderr is a pipe that nobody reads: once it and the in-memory bound are full, requests
+    are still answered at once, the dropped lines are counted in the metrics, and reported
+    once stderr takes lines again."""
+    port = free_port()
+    cfg = write_config(settings.replace("server", port=port), tmp_path / "blocked.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    with (tmp_path / "stdout.log").open("wb") as out:
+        process = subprocess.Popen(
+            [*dailyplay_command(), "serve", "--config", str(cfg)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    assert process.stderr is not None
+    drained: list[bytes] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(Server(process, url, tmp_path / "stdout.log"))
+        # Long paths make long lines: the 64 KiB pipe and the 1 MiB bound fill in ~140 requests.
+        slowest = 0.0
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for i in range(400):
+                started = time.monotonic()
+                assert client.get(f"/{i}-{'x' * 8000}").status_code == 404
+                slowest = max(slowest, time.monotonic() - started)
+            time.sleep(2 * FLUSH_SECONDS + 1)  # the metrics' own flush interval is 1 s
+            metrics = client.get("/metrics").text
+        assert slowest < 0.5, slowest
+        dropped = re.search(r"^dailyplay_log_lines_dropped_total (\S+)$", metrics, re.M)
+        assert dropped and float(dropped.group(1)) > 100, metrics[-2000:]
+
+        reader = threading.Thread(target=lambda: drained.extend(iter(process.stderr.readline, b"")))
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not any(b"request lines were dropped" in line for line in drained):
+            assert time.monotonic() < deadline, b"".join(drained)[-2000:]
+            time.sleep(0.1)
+        time.sleep(1.2)
+        after = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        stop(process)
+        process.stderr.close()
+    warning = next(json.loads(line) for line in drained if b"were dropped" in line)
+    assert warning["level"] == "warning" and warning["logger"] == "dailyplay.access"
+    # every drop counted, the scrape's own line included; none since stderr drains again
+    total = re.search(r"^dailyplay_log_lines_dropped_total (\S+)$", after, re.M)
+    assert total and int(warning["message"].split()[0]) == int(float(total.group(1)))
