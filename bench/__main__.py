@@ -69,8 +69,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def pinned_to(cpu: int | None) -> Callable[[], None] | None:
+    """A preexec_fn that keeps a process (and what it starts) on one CPU; None: anywhere."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def pinning_available() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
 @contextlib.contextmanager
-def running(command: list[str], port: int, probe: str, log: Path) -> Iterator[Server]:
+def running(
+    command: list[str], port: int, probe: str, log: Path, cpu: int | None = None
+) -> Iterator[Server]:
     """Start a server process in its own group; always stop the whole group.
 
     Dirty pages are written out first: seeding a database leaves hundreds of MB for the kernel
@@ -80,7 +93,11 @@ def running(command: list[str], port: int, probe: str, log: Path) -> Iterator[Se
     os.sync()
     with log.open("ab") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=pinned_to(cpu),
         )
     server = Server(process, f"http://127.0.0.1:{port}")
     try:
@@ -113,6 +130,7 @@ def run_wrk(
     key: str = "",
     tokens: Path | None = None,
     seconds: int | None = None,
+    cpu: int | None = None,
 ) -> dict[str, Any]:
     seconds = args.duration if seconds is None else seconds
     env = {
@@ -135,7 +153,13 @@ def run_wrk(
         url,
     ]
     result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+        preexec_fn=pinned_to(cpu),
     )
     match = re.search(r"BENCH-RESULT (\{.*\})", result.stdout)
     if result.returncode != 0 or match is None:
@@ -157,8 +181,10 @@ def run_wrk(
 WARM_UP_SECONDS = 2
 
 
-def warm_up(url: str, mode: str, args: argparse.Namespace, key: str = "") -> None:
-    run_wrk(url, mode, args, key, seconds=min(WARM_UP_SECONDS, args.duration))
+def warm_up(
+    url: str, mode: str, args: argparse.Namespace, key: str = "", cpu: int | None = None
+) -> None:
+    run_wrk(url, mode, args, key, seconds=min(WARM_UP_SECONDS, args.duration), cpu=cpu)
 
 
 # --- a DailyPlay instance to measure ---------------------------------------------------------
@@ -173,13 +199,20 @@ class Instance:
     key_id: int
 
 
-def prepare_instance(directory: Path, workers: int) -> Instance:
+def prepare_instance(
+    directory: Path, workers: int, overrides: dict[str, dict[str, Any]] | None = None
+) -> Instance:
+    """A database with one Business org and one key without practical limits, and a config
+    for it: the defaults users run (request lines and metrics on), but for the per-IP limits,
+    which would refuse a benchmark's one address; overrides: {section: {setting: value}}."""
     directory.mkdir(parents=True, exist_ok=True)
     settings = config.Settings()
     settings = settings.replace("database", path=str(directory / "bench.db"))
-    settings = settings.replace("server", workers=workers, log_level="warning")
+    settings = settings.replace("server", workers=workers)
     settings = settings.replace("limits", public_per_minute=0, failed_auth_per_minute=0)
     settings = settings.replace("sessions", default_expires_minutes=24 * 60)
+    for section, values in (overrides or {}).items():
+        settings = settings.replace(section, **values)
     conn = db.connect(settings.database)
     with db.transaction(conn):
         now = now_ms()
@@ -398,6 +431,94 @@ def print_pairs(entry: dict[str, Any]) -> None:
         print(f"  {workload}: bare/dailyplay req/s {shown}")
 
 
+# What the default configuration is compared with, each differing from it in one setting.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "lines-off": {"server": {"log_level": "warning"}},
+    "metrics-off": {"metrics": {"enabled": False}},
+}
+SERVER_CPU, WRK_CPU = 0, 1
+
+
+def measure_variants(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """create, validate and consume on the default configuration and on each VARIANTS entry,
+    1 worker on one CPU and wrk on the other (where the machine lets us pin them), in
+    args.rounds rounds that alternate the configurations (their order turning each round), so
+    that a slow minute of the machine falls on all of them; medians per configuration."""
+    log = work / "servers.log"
+    pin = pinning_available()
+    server_cpu, wrk_cpu = (SERVER_CPU, WRK_CPU) if pin else (None, None)
+    names = list(VARIANTS)
+    instances = {}
+    tokens: dict[tuple[str, str, int], Path] = {}
+    for name in names:
+        instances[name] = prepare_instance(work / f"variant-{name}", 1, VARIANTS[name])
+        for workload in ("validate", "consume"):
+            for round_ in range(args.rounds):
+                path = work / f"tokens-variant-{name}-{workload}-{round_}.txt"
+                seed_tokens(instances[name], args.tokens_per_workload, path)
+                tokens[name, workload, round_] = path
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        workload: {name: [] for name in names} for workload in BARE_FOR
+    }
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name in names:
+            port = serve_on_free_port(instances[name])
+            servers[name] = stack.enter_context(
+                running(serve_command(instances[name]), port, "/openapi.json", log, server_cpu)
+            )
+            warm_up(servers[name].url, "create", args, instances[name].key, wrk_cpu)
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for workload in BARE_FOR:
+                for name in order:
+                    measured = run_wrk(
+                        servers[name].url,
+                        workload,
+                        args,
+                        instances[name].key,
+                        tokens.get((name, workload, round_)),
+                        cpu=wrk_cpu,
+                    )
+                    runs[workload][name].append(measured)
+    summary: dict[str, Any] = {}
+    for workload, by_name in runs.items():
+        medians = {name: statistics.median(r["rps"] for r in by_name[name]) for name in names}
+        summary[workload] = {
+            name: {
+                "rps_median": round(medians[name], 1),
+                "p99_ms_median": round(statistics.median(r["p99_ms"] for r in by_name[name]), 2),
+                # the default's req/s as a multiple of this configuration's
+                "default_x": round(medians["default"] / max(medians[name], 1e-9), 3),
+                "non_2xx": sum(r["non_2xx"] for r in by_name[name]),
+            }
+            for name in names
+        }
+    return {"rounds": args.rounds, "pinned": pin, "runs": runs, "summary": summary}
+
+
+def print_variants(entry: dict[str, Any]) -> None:
+    where = "1 worker on CPU 0, wrk on CPU 1" if entry["pinned"] else "1 worker, not pinned"
+    print(
+        f"\nthe default configuration against one setting changed ({where};"
+        f" medians of {entry['rounds']} alternated rounds)"
+    )
+    names = [n for n in next(iter(entry["summary"].values())) if n != "default"]
+    header = f"{'workload':<9} {'default req/s':>13} {'p99 ms':>7}"
+    for name in names:
+        header += f" {name + ' req/s':>18} {'default x':>10}"
+    print(header)
+    for workload, row in entry["summary"].items():
+        line = (
+            f"{workload:<9} {row['default']['rps_median']:>13.0f}"
+            f" {row['default']['p99_ms_median']:>7.2f}"
+        )
+        for name in names:
+            line += f" {row[name]['rps_median']:>18.0f} {row[name]['default_x']:>10.3f}"
+        print(line)
+
+
 def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """1 worker under the mixed workload for args.soak seconds, memory sampled as it runs."""
     instance = prepare_instance(work / "soak", 1)
@@ -510,6 +631,8 @@ def print_table(results: dict[str, Any]) -> None:
             f" {entry['rss_anon_kb_after'] / 1024:.1f} MB, mapped database and code"
             f" {entry['rss_file_kb_after'] / 1024:.1f} MB)"
         )
+    if results.get("variants"):
+        print_variants(results["variants"])
     for count, multiples in results.get("scaling", {}).items():
         print(f"\n{count} workers / 1 worker, req/s:")
         print("  " + ", ".join(f"{mode} {multiple:.2f}x" for mode, multiple in multiples.items()))
@@ -545,12 +668,22 @@ def main(argv: list[str] | None = None) -> int:
         "--pairs", type=int, default=0, metavar="N",
         help="only the 1-worker ratios to bare: N back-to-back pairs of runs each, as medians",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="alternated rounds of the default configuration against request lines off and"
+        " metrics off (0: skip them)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", action="store_true",
+        help="only the default configuration against request lines off and metrics off",
+    )  # fmt: skip
     parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     if args.smoke:
         args.duration, args.workers, args.sizes = 1, [1, 2], [0]
         args.tokens_per_workload = 20_000
+        args.rounds = 1
     if shutil.which("wrk") is None:
         print("bench: wrk is needed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -572,11 +705,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.pairs:
             results["pairs"] = measure_pairs(args, work)
             return write_results(args.out, results, lambda: print_pairs(results["pairs"]))
+        if args.variants:
+            results["variants"] = measure_variants(args, work)
+            return write_results(args.out, results, lambda: print_variants(results["variants"]))
         for workers in args.workers:
             results["workers"][str(workers)] = measure_workers(workers, args, work)
         results["scaling"] = scaling(results["workers"])
         if args.sizes:
             results["table_sizes"] = measure_table_sizes(args, work)
+        if args.rounds:
+            results["variants"] = measure_variants(args, work)
     return write_results(args.out, results, lambda: print_table(results))
 
 

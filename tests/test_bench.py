@@ -53,6 +53,16 @@ def test_the_benchmark_smoke_run_measures_every_workload(tmp_path: Path) -> None
     assert results["table_sizes"]["0"]["validate"]["rps"] > 0
     assert "x bare" in result.stdout
     assert results["warm_up_s"] == 1 and "warm-up run" in result.stdout
+    # The default configuration against request lines off and metrics off, side by side.
+    variants = results["variants"]["summary"]
+    for workload in ("create", "validate", "consume"):
+        row = variants[workload]
+        assert set(row) == {"default", "lines-off", "metrics-off"}
+        for name, measured in row.items():
+            assert measured["rps_median"] > 0 and measured["non_2xx"] == 0, (workload, name)
+        expected = row["default"]["rps_median"] / row["lines-off"]["rps_median"]
+        assert row["lines-off"]["default_x"] == pytest.approx(expected, abs=0.001)
+    assert "lines-off req/s" in result.stdout and "metrics-off req/s" in result.stdout
     # Every process it started is gone: nothing listens on the ports it used.
     assert (
         "dailyplay-bench-"
