@@ -6,8 +6,8 @@ logged with the request. A line never carries a raw API key, session token or be
 query string is not logged at all, only the operation its `action` names, and an API key
 appears as its public 8-character prefix.
 
-Request lines do not go through the `logging` module's handlers: each is encoded once and kept
-in memory, and a thread writes them to stderr in batches (RequestLines). Other lines (start and
+Request lines do not go through the `logging` module's handlers: a request leaves its line's
+fields in memory, and a thread encodes and writes them to stderr in batches (RequestLines). Other lines (start and
 stop, warnings, errors) go through `logging` as usual.
 """
 
@@ -162,10 +162,46 @@ def _warning_line(message: str, log_format: str) -> bytes:
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
 
+# What a request leaves for its line: (time_ns, request_id, method, path, operation, status,
+# seconds, noted fields or None, client_ip). The thread turns it into the line (entry_line).
+Entry = tuple[int, str, str, str, str | None, int, float, dict[str, Any] | None, str | None]
+# Memory an entry holds besides its request id and path (a tuple, a float, small ints).
+ENTRY_OVERHEAD = 200
+
+
+def entry_line(entry: Entry, log_format: str) -> bytes:
+    """The line of an entry (see encode_line), its secrets redacted."""
+    when, request_id, method, path, operation, status, seconds, noted, client = entry
+    noted = noted or {}
+    return encode_line(
+        {
+            "time": iso_from_ms(when // 1_000_000),
+            "level": "info",
+            "logger": access_log.name,
+            "request_id": _logged_request_id(request_id),
+            "method": method,
+            "path": _logged_path(path),
+            "operation": operation,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+            "org_id": noted.get("org_id"),
+            "key_id": noted.get("key_id"),
+            "key_prefix": noted.get("key_prefix"),
+            "user_id": noted.get("user_id"),
+            "client_ip": client,
+        },
+        log_format,
+    )
+
+
+def _entry_size(entry: Entry) -> int:
+    return len(entry[1]) + len(entry[3]) + ENTRY_OVERHEAD
+
+
 class RequestLines:
-    """Request lines on their way to stderr: add() keeps a line in memory (the request path
-    pays for encoding it and a list append), and a thread writes what has gathered every
-    FLUSH_SECONDS, at FLUSH_BYTES, and at close().
+    """Request lines on their way to stderr: add() keeps what a request leaves for its line in
+    memory (the request path pays for a tuple and a deque append), and a thread turns those
+    into lines and writes them every FLUSH_SECONDS, at FLUSH_BYTES, and at close().
 
     What can be lost: on kill -9 (or a crash), the lines of the last FLUSH_SECONDS; on a clean
     stop, nothing. A stderr that takes nothing (a stuck pipe) never holds up a request: past
@@ -187,7 +223,7 @@ class RequestLines:
         self._reported = 0  # of those, already reported in a warning line
         # add() appends on the event loop's thread and flush() takes from the other end; each
         # byte count is changed by one side only, so the request path takes no lock.
-        self._lines: collections.deque[bytes] = collections.deque()
+        self._entries: collections.deque[Entry] = collections.deque()
         self._added = 0  # bytes queued since the start (add)
         self._written = 0  # bytes written since the start (flush)
         self._write_lock = threading.Lock()  # one flush at a time keeps lines in order
@@ -199,17 +235,17 @@ class RequestLines:
         except OSError:
             self._chunk = PIPE_CHUNK
 
-    def add(self, line: dict[str, Any]) -> None:
-        """Queue one request's line (see encode_line)."""
-        encoded = encode_line(line, self.log_format)
-        waiting = self._added - self._written + len(encoded)
+    def add(self, entry: Entry) -> None:
+        """Queue one request's line."""
+        size = _entry_size(entry)
+        waiting = self._added - self._written + size
         if waiting > MAX_BUFFERED_BYTES:
             self.dropped += 1
             if self.on_drop is not None:
                 self.on_drop()
             return
-        self._lines.append(encoded)
-        self._added += len(encoded)
+        self._entries.append(entry)
+        self._added += size
         if waiting >= FLUSH_BYTES and not self._wake.is_set():
             self._wake.set()
 
@@ -224,17 +260,25 @@ class RequestLines:
     def flush(self) -> None:
         """Write every line gathered so far (blocks while stderr does)."""
         with self._write_lock:
-            lines = []
-            take = self._lines.popleft
-            while self._lines:
-                lines.append(take())
-            if lines:
-                self._write(lines)
-                self._written += sum(map(len, lines))
+            entries = self._entries
+            chunk = bytearray()
+            taken = 0
+            while entries:
+                entry = entries.popleft()
+                line = entry_line(entry, self.log_format)
+                if chunk and len(chunk) + len(line) > self._chunk:
+                    self._write_all(chunk)  # also lets the event loop's thread run meanwhile
+                    self._written += taken
+                    chunk, taken = bytearray(), 0
+                chunk += line
+                taken += _entry_size(entry)
+            if chunk:
+                self._write_all(chunk)
+                self._written += taken
             if self.dropped != self._reported:
                 count, self._reported = self.dropped - self._reported, self.dropped
                 message = f"{count} request lines were dropped: stderr did not take them in time"
-                self._write([_warning_line(message, self.log_format)])
+                self._write_all(bytearray(_warning_line(message, self.log_format)))
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is left and stop the thread; gives up after timeout if stderr is stuck."""
@@ -258,16 +302,6 @@ class RequestLines:
         except OSError as exc:
             # stderr closed or broken: nothing to write to, and nobody to tell but logging.
             logging.getLogger("dailyplay").warning("request lines not written: %s", exc)
-
-    def _write(self, lines: list[bytes]) -> None:
-        chunk = bytearray()
-        for line in lines:
-            if chunk and len(chunk) + len(line) > self._chunk:
-                self._write_all(chunk)
-                chunk = bytearray()
-            chunk += line
-        if chunk:
-            self._write_all(chunk)
 
     def _write_all(self, data: bytearray) -> None:
         view = memoryview(data)
@@ -332,28 +366,20 @@ class RequestLogMiddleware:
 
     def _log(self, scope: Scope, status: int, operation: str | None, seconds: float) -> None:
         assert self.lines is not None
-        noted = scope["state"].get("log") or {}
         peer = scope.get("client")
-        # Built in its final order (time, level, logger, ACCESS_FIELDS): encoded as it is.
+        state = scope["state"]
         self.lines.add(
-            {
-                "time": iso_from_ms(time.time_ns() // 1_000_000),
-                "level": "info",
-                "logger": access_log.name,
-                "request_id": _logged_request_id(scope["state"]["request_id"]),
-                "method": scope["method"],
-                "path": _logged_path(scope["path"]),
-                "operation": operation,
-                "status": status,
-                "latency_ms": round(seconds * 1000, 2),
-                "org_id": noted.get("org_id"),
-                "key_id": noted.get("key_id"),
-                "key_prefix": noted.get("key_prefix"),
-                "user_id": noted.get("user_id"),
-                "client_ip": (
-                    self.client_ip(scope) if self.client_ip else (peer[0] if peer else None)
-                ),
-            }
+            (
+                time.time_ns(),
+                state["request_id"],
+                scope["method"],
+                scope["path"],
+                operation,
+                status,
+                seconds,
+                state.get("log"),
+                self.client_ip(scope) if self.client_ip else (peer[0] if peer else None),
+            )
         )
 
 
