@@ -301,8 +301,10 @@ def serve(
     tmp_path: Path,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    stderr_pipe: bool = False,
 ) -> Iterator[Server]:
-    """Start `dailyplay serve` on a free port; stop it with SIGTERM (SIGKILL if it hangs)."""
+    """Start `dailyplay serve` on a free port; stop it with SIGTERM (SIGKILL if it hangs).
+    Its output goes to server.log(); with stderr_pipe, stderr is process.stderr instead."""
     port = free_port()
     cfg = write_config(
         settings.replace("server", port=port, workers=workers), tmp_path / f"serve-{port}.toml"
@@ -319,7 +321,7 @@ def serve(
         process = subprocess.Popen(
             [*dailyplay_command(), "serve", "--config", str(cfg)],
             stdout=log,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE if stderr_pipe else subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
@@ -329,6 +331,8 @@ def serve(
         yield server
     finally:
         stop(process)
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 def wait_until_serving(server: Server, timeout: float = 30) -> None:

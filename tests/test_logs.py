@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -22,17 +21,12 @@ import pytest
 from conftest import (
     API,
     AppClient,
-    Server,
     World,
     assert_error,
-    dailyplay_command,
-    free_port,
     run_cli,
     running_app,
     serve,
     stop,
-    wait_until_serving,
-    write_config,
 )
 
 from dailyplay.inputs import query_items
@@ -310,25 +304,13 @@ def test_a_stderr_nobody_reads_does_not_hold_up_requests(settings, tmp_path: Pat
     """stderr is a pipe that nobody reads: once it and the in-memory bound are full, requests
     are still answered at once, the dropped lines are counted in the metrics, and reported
     once stderr takes lines again."""
-    port = free_port()
-    cfg = write_config(settings.replace("server", port=port), tmp_path / "blocked.toml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
-    with (tmp_path / "stdout.log").open("wb") as out:
-        process = subprocess.Popen(
-            [*dailyplay_command(), "serve", "--config", str(cfg)],
-            stdout=out,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
-    assert process.stderr is not None
     drained: list[bytes] = []
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_serving(Server(process, url, tmp_path / "stdout.log"))
+    with serve(settings, tmp_path, stderr_pipe=True) as server:
+        stderr = server.process.stderr
+        assert stderr is not None
         # Long paths make long lines: the 64 KiB pipe and the 1 MiB bound fill in ~140 requests.
         slowest = 0.0
-        with httpx.Client(base_url=url, timeout=10) as client:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
             for i in range(400):
                 started = time.monotonic()
                 assert client.get(f"/{i}-{'x' * 8000}").status_code == 404
@@ -339,17 +321,16 @@ def test_a_stderr_nobody_reads_does_not_hold_up_requests(settings, tmp_path: Pat
         dropped = re.search(r"^dailyplay_log_lines_dropped_total (\S+)$", metrics, re.M)
         assert dropped and float(dropped.group(1)) > 100, metrics[-2000:]
 
-        reader = threading.Thread(target=lambda: drained.extend(iter(process.stderr.readline, b"")))
+        reader = threading.Thread(target=lambda: drained.extend(iter(stderr.readline, b"")))
         reader.start()
         deadline = time.monotonic() + 10
         while not any(b"request lines were dropped" in line for line in drained):
             assert time.monotonic() < deadline, b"".join(drained)[-2000:]
             time.sleep(0.1)
         time.sleep(1.2)
-        after = httpx.get(f"{url}/metrics", timeout=10).text
-    finally:
-        stop(process)
-        process.stderr.close()
+        after = httpx.get(f"{server.url}/metrics", timeout=10).text
+        stop(server.process)
+        reader.join(timeout=10)  # stderr reached its end: the reader is done with it
     warning = next(json.loads(line) for line in drained if b"were dropped" in line)
     assert warning["level"] == "warning" and warning["logger"] == "dailyplay.access"
     # every drop counted, the scrape's own line included; none since stderr drains again
