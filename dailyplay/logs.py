@@ -7,8 +7,8 @@ query string is not logged at all, only the operation its `action` names, and an
 appears as its public 8-character prefix.
 
 Request lines do not go through the `logging` module's handlers: a request leaves its line's
-fields in memory, and a thread encodes and writes them to stderr in batches (RequestLines). Other lines (start and
-stop, warnings, errors) go through `logging` as usual.
+fields in memory, and a thread encodes and writes them to stderr in batches (RequestLines).
+Other lines (start and stop, warnings, errors) go through `logging` as usual.
 """
 
 from __future__ import annotations
@@ -229,6 +229,7 @@ class RequestLines:
         self._write_lock = threading.Lock()  # one flush at a time keeps lines in order
         self._wake = threading.Event()
         self._closing = False
+        self._write_failed = False
         self._thread: threading.Thread | None = None
         try:
             self._chunk = PIPE_CHUNK if stat.S_ISFIFO(os.fstat(fd).st_mode) else FILE_CHUNK
@@ -267,14 +268,16 @@ class RequestLines:
                 entry = entries.popleft()
                 line = entry_line(entry, self.log_format)
                 if chunk and len(chunk) + len(line) > self._chunk:
-                    self._write_all(chunk)  # also lets the event loop's thread run meanwhile
+                    # Counted as written before the write, so that a failed write cannot leave
+                    # the bound believing its bytes are still waiting.
                     self._written += taken
+                    self._write_all(chunk)  # also lets the event loop's thread run meanwhile
                     chunk, taken = bytearray(), 0
                 chunk += line
                 taken += _entry_size(entry)
             if chunk:
-                self._write_all(chunk)
                 self._written += taken
+                self._write_all(chunk)
             if self.dropped != self._reported:
                 count, self._reported = self.dropped - self._reported, self.dropped
                 message = f"{count} request lines were dropped: stderr did not take them in time"
@@ -300,8 +303,11 @@ class RequestLines:
         try:
             self.flush()
         except OSError as exc:
-            # stderr closed or broken: nothing to write to, and nobody to tell but logging.
-            logging.getLogger("dailyplay").warning("request lines not written: %s", exc)
+            # stderr closed or broken: the lines of that batch are lost. Said once through
+            # logging, which may reach a handler that still works.
+            if not self._write_failed:
+                self._write_failed = True
+                logging.getLogger("dailyplay").warning("request lines not written: %s", exc)
 
     def _write_all(self, data: bytearray) -> None:
         view = memoryview(data)
