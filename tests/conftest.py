@@ -268,6 +268,18 @@ def assert_error(response: httpx.Response, status: int, fragment: str = "") -> N
 # --- a real `dailyplay serve` process ------------------------------------------------------------
 
 
+def require(what: str, present: bool, how: str) -> None:
+    """For tests that need something from outside Python (a browser, a server binary, a load
+    generator): skip, saying how to get it, when it is missing here; fail under CI=true, so
+    that CI can never skip them silently."""
+    if present:
+        return
+    message = f"{what} is missing: {how}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message} (CI=true: every test must run)")
+    pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_bench(*options: str) -> subprocess.CompletedProcess[str]:
     """`python -m bench` with options, as a user runs it; it must succeed."""
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is needed for the benchmark (.ci/run installs it)")
+    require("wrk", shutil.which("wrk") is not None, "apt-get install wrk (.ci/run does)")
     result = subprocess.run(
         [sys.executable, "-m", "bench", *options],
         cwd=ROOT,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import API, AppClient, running_demo
+from conftest import API, AppClient, require, running_demo
 from playwright.sync_api import Browser, Page, sync_playwright
 
 pytestmark = pytest.mark.slow
@@ -36,11 +38,11 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does), "
-            "or point DAILYPLAY_CHROMIUM at one"
-        )
+    require(
+        f"Chromium at {CHROMIUM}",
+        Path(CHROMIUM).exists(),
+        "apt-get install chromium (.ci/run does), or point DAILYPLAY_CHROMIUM at one",
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -216,3 +218,22 @@ def test_the_sdk_is_served_for_script_tags_on_any_origin(client: AppClient) -> N
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["cross-origin-resource-policy"] == "cross-origin"
     assert "root.DailyPlay = {" in response.text
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("", "1 skipped"), ("true", "1 error")])
+def test_without_chromium_the_browser_tests_skip_locally_and_fail_in_ci(
+    tmp_path: Path, ci: str, outcome: str
+) -> None:
+    """A fresh machine runs the README's test line without Chromium: those tests skip with how
+    to get it; under CI=true they fail, so CI never skips them silently."""
+    env = {**os.environ, "DAILYPLAY_CHROMIUM": str(tmp_path / "no-chromium"), "CI": ci}
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rsE",
+            f"{__file__}::test_play_once_then_already_used",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert outcome in result.stdout, result.stdout[-3000:]
+    assert "apt-get install chromium" in result.stdout
+    assert result.returncode == (0 if not ci else 1)

@@ -25,6 +25,7 @@ from conftest import (
     SigningKey,
     add_org,
     claims_for,
+    require,
     run_cli,
     running_demo,
     serve,
@@ -177,8 +178,7 @@ def test_each_token_is_consumed_exactly_once_across_processes(
 
 
 def test_demo_starts_on_a_fresh_directory_and_its_curl_lines_work(tmp_path) -> None:
-    if shutil.which("curl") is None:
-        pytest.fail("curl is needed for the demo's copy-paste lines (.ci/run installs it)")
+    require("curl", shutil.which("curl") is not None, "apt-get install curl (.ci/run does)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
     with running_demo(tmp_path) as (process, info):
         outputs = {}
