@@ -1117,8 +1117,43 @@ def list_audit(
     ).fetchall()
 
 
+def _stored_list(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _stored_flag(value: Any) -> Any:
+    return bool(value) if isinstance(value, int) else value
+
+
+def _stored_time(value: Any) -> Any:
+    return iso_from_ms(value) if isinstance(value, int) else value
+
+
+# An API key's columns whose stored form differs from the API's (api.api_key_data): audit
+# changes are kept as stored and shown as the API shows the key.
+_API_FORM: dict[str, Callable[[Any], Any]] = {
+    "is_active": _stored_flag,
+    "allowed_game_ids": _stored_list,
+    "allowed_stream_ids": _stored_list,
+    "expires_at": _stored_time,
+}
+
+
+def _changes_in_api_form(changes: dict[str, Any]) -> dict[str, Any]:
+    shown: dict[str, Any] = {}
+    for column, change in changes.items():
+        form = _API_FORM.get(column)
+        shown[column] = (
+            {side: form(value) for side, value in change.items()}
+            if form is not None and isinstance(change, dict)
+            else change
+        )
+    return shown
+
+
 def audit_entry(row: sqlite3.Row) -> dict[str, Any]:
-    """An audit row as the API and the CLI show it: ISO time, changes as an object."""
+    """An audit row as the API and the CLI show it: ISO times, and changes as an object whose
+    values have the API's types (booleans, arrays, RFC 3339 times)."""
     return {
         "id": row["id"],
         "at": iso_from_ms(row["at"]),
@@ -1127,7 +1162,9 @@ def audit_entry(row: sqlite3.Row) -> dict[str, Any]:
         "action": row["action"],
         "api_key_id": row["api_key_id"],
         "client_ip": row["client_ip"],
-        "changes": None if row["changes"] is None else json.loads(row["changes"]),
+        "changes": (
+            None if row["changes"] is None else _changes_in_api_form(json.loads(row["changes"]))
+        ),
     }
 
 

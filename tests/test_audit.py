@@ -22,7 +22,7 @@ def key_entries(world: World) -> list[dict[str, Any]]:
 
 
 def test_every_key_change_is_recorded_with_who_when_and_what(world: World) -> None:
-    key = world.create_key(rate_limit_per_minute=10)
+    key = world.create_key(rate_limit_per_minute=10, allowed_game_ids=[42])
     key_id = key["id"]
     bearer = world.bearer()
 
@@ -33,6 +33,7 @@ def test_every_key_change_is_recorded_with_who_when_and_what(world: World) -> No
         assert response.status_code == 200, response.text
 
     patch(name="CRM 2", rate_limit_per_minute=20)
+    patch(allowed_game_ids=None, allowed_stream_ids=[7, 8], expires_at="2099-01-02T03:04:05Z")
     patch(is_active=False)
     patch(is_active=True)
     deleted = world.client.delete(f"{API}?id={key_id}&org_id={world.org_id}", headers=bearer)
@@ -43,6 +44,7 @@ def test_every_key_change_is_recorded_with_who_when_and_what(world: World) -> No
         "api_key.reactivate",
         "api_key.revoke",
         "api_key.update",
+        "api_key.update",
         "api_key.create",
     ]
     assert all(e["actor"] == world.admin for e in found)
@@ -50,13 +52,27 @@ def test_every_key_change_is_recorded_with_who_when_and_what(world: World) -> No
     assert all(e["client_ip"] == "198.51.100.7" for e in found)
     ids = [e["id"] for e in found]
     assert ids == sorted(ids, reverse=True)
-    assert found[3]["changes"] == {
+    # Every value in the API's own types: booleans, arrays, RFC 3339 times.
+    assert found[4]["changes"] == {
         "name": {"from": "CRM", "to": "CRM 2"},
         "rate_limit_per_minute": {"from": 10, "to": 20},
     }
-    assert found[2]["changes"] == {"is_active": {"from": 1, "to": 0}}
-    assert found[1]["changes"] == {"is_active": {"from": 0, "to": 1}}
-    assert found[4]["changes"]["name"] == {"from": None, "to": "CRM"}
+    assert found[3]["changes"] == {
+        "allowed_game_ids": {"from": [42], "to": None},
+        "allowed_stream_ids": {"from": None, "to": [7, 8]},
+        "expires_at": {"from": None, "to": "2099-01-02T03:04:05.000Z"},
+    }
+    assert found[2]["changes"] == {"is_active": {"from": True, "to": False}}
+    assert found[1]["changes"] == {"is_active": {"from": False, "to": True}}
+    assert found[5]["changes"] == {
+        "name": {"from": None, "to": "CRM"},
+        "description": {"from": None, "to": None},
+        "allowed_game_ids": {"from": None, "to": [42]},
+        "allowed_stream_ids": {"from": None, "to": None},
+        "rate_limit_per_minute": {"from": None, "to": 10},
+        "rate_limit_per_day": {"from": None, "to": 10000},
+        "expires_at": {"from": None, "to": None},
+    }
     assert found[0]["changes"] is None
     assert found[0]["at"].endswith("Z")
     # The raw key and its hash are never in the trail.
