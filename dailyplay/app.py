@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import config
+from . import __version__, config
 from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
 from .background import running
@@ -227,10 +227,33 @@ DOCS_HEADERS = {
 
 
 def document_routes(settings: config.Settings) -> list[Route]:
-    """GET /openapi.json and GET /docs, both rendered once from the shipped document."""
+    """GET / (where to go from here), and GET /openapi.json and GET /docs, both rendered once
+    from the shipped document."""
     doc = document_for(settings)
     document = JsonResponse(doc).body
     page = render_reference(doc)
+    metrics_here = settings.metrics.enabled and settings.metrics.port == 0
+    index = JsonResponse(
+        {
+            "success": True,
+            "data": {
+                "service": "dailyplay",
+                "version": __version__,
+                "links": {
+                    "docs": "/docs",
+                    "openapi": "/openapi.json",
+                    "api": API_PATH,
+                    "healthz": "/healthz",
+                    "readyz": "/readyz",
+                    "metrics": "/metrics" if metrics_here else None,
+                    "sdk": "/sdk/dailyplay.js",
+                },
+            },
+        }
+    ).body
+
+    async def index_page(request: Request) -> Response:
+        return Response(index, media_type="application/json")
 
     async def openapi_document(request: Request) -> Response:
         return Response(document, media_type="application/json")
@@ -239,6 +262,7 @@ def document_routes(settings: config.Settings) -> list[Route]:
         return HTMLResponse(page, headers=DOCS_HEADERS)
 
     return [
+        Route("/", index_page, methods=["GET"]),
         Route("/openapi.json", openapi_document, methods=["GET"]),
         Route("/docs", reference_page, methods=["GET"]),
     ]

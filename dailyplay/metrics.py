@@ -36,6 +36,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The `operation` label: the API's operations (api.operation_name), the other routes, and
 # "other" for anything else, so that no caller can make new label values (series) up.
 ROUTES = {
+    "/": "index",
     "/healthz": "healthz",
     "/readyz": "readyz",
     "/metrics": "metrics",

@@ -1,12 +1,14 @@
-"""GET /healthz and GET /readyz, and the schema step that readiness writes into."""
+"""GET / (where to go), GET /healthz and GET /readyz, and the schema step that readiness
+writes into."""
 
 from __future__ import annotations
 
 import sqlite3
 
 import pytest
-from conftest import AppClient, add_a_page, assert_error, cap_pages, running_app, sql
+from conftest import API, AppClient, add_a_page, assert_error, cap_pages, running_app, sql
 
+import dailyplay
 from dailyplay import config, db
 
 
@@ -106,3 +108,22 @@ def test_readyz_is_503_after_a_background_write_was_refused_for_want_of_space(
         assert db.is_full(refused.value)
         assert_error(client.get("/readyz"), 503, "not ready: the disk is full")
         assert client.get("/healthz").status_code == 200
+
+
+def test_the_root_says_where_to_go_and_every_link_answers(client: AppClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    data = response.json()["data"]
+    assert data["service"] == "dailyplay" and data["version"] == dailyplay.__version__
+    links = data["links"]
+    assert links["api"] == API
+    for name, path in links.items():
+        if name != "api":  # the API answers 401 without credentials
+            assert client.get(path).status_code == 200, (name, path)
+
+
+def test_the_root_leaves_out_metrics_served_elsewhere(make_settings) -> None:
+    for metrics in ({"enabled": False}, {"port": 9787}):
+        with running_app(make_settings(metrics=metrics)) as client:
+            assert client.get("/").json()["data"]["links"]["metrics"] is None

@@ -154,7 +154,7 @@ def test_without_metrics_on_the_api_port_document_and_routes_still_agree(
 
 
 @pytest.mark.parametrize(
-    "path", ["/openapi.json", "/docs", "/healthz", "/readyz", "/metrics", "/sdk/dailyplay.js"]
+    "path", ["/", "/openapi.json", "/docs", "/healthz", "/readyz", "/metrics", "/sdk/dailyplay.js"]
 )
 def test_document_routes_refuse_other_methods_in_the_error_shape(
     client: AppClient, path: str
