@@ -7,6 +7,8 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
+import logging.config
 import os
 import signal
 import socket
@@ -37,11 +39,17 @@ def emit(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False), flush=True)
 
 
-def _settings(args: argparse.Namespace) -> config.Settings:
+def _settings(args: argparse.Namespace, warn: bool = True) -> config.Settings:
+    """The settings (--config, else $DAILYPLAY_CONFIG, else defaults, plus the environment);
+    with warn, a line on stderr for each DAILYPLAY_* variable that is no setting."""
     try:
-        return config.load(args.config)
+        settings = config.load(args.config)
     except config.ConfigError as exc:
         raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+    if warn:
+        for warning in config.unknown_variables():
+            print(f"warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def _connect(settings: config.Settings) -> sqlite3.Connection:
@@ -288,6 +296,18 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
         JwtVerifier(settings.auth)  # a bad key file is reported here, not in each worker
     except config.ConfigError as exc:
         raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+    # Said once, by the command, in the log's own format (the workers load settings too).
+    logging.config.dictConfig(
+        uvicorn_log_config(settings.server.log_level, settings.server.log_format)
+    )
+    startup = logging.getLogger("dailyplay")
+    for warning in config.unknown_variables():
+        startup.warning(warning)
+    if not (settings.auth.jwks_url or settings.auth.jwt_public_key):
+        startup.warning(
+            "no bearer authentication is configured (auth.jwks_url or auth.jwt_public_key):"
+            " key management through the API answers 401 to every request"
+        )
     if config_path:
         os.environ["DAILYPLAY_CONFIG"] = str(Path(config_path).resolve())
     for section, values in config.as_dict(settings).items():
@@ -467,14 +487,14 @@ def _with_server_overrides(settings: config.Settings, args: argparse.Namespace) 
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    settings = _with_server_overrides(_settings(args), args)
+    settings = _with_server_overrides(_settings(args, warn=False), args)
     run_server(settings, args.config or os.environ.get("DAILYPLAY_CONFIG"))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import prepare_demo
 
-    base = _settings(args) if args.config else None
+    base = _settings(args, warn=args.no_serve) if args.config else None
     game_port = args.game_port if args.game_port is not None else args.port + 1
     if not 0 <= game_port <= 65535 or game_port == args.port:
         raise CliError(

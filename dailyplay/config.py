@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import json
 import os
@@ -148,8 +149,15 @@ def as_dict(settings: Settings) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(getattr(settings, name)) for name in _SECTION_TYPES}
 
 
-def _coerce(section: str, key: str, value: Any, annotation: str, source: str) -> Any:
+def _coerce(
+    section: str, key: str, value: Any, annotation: str, source: str, from_text: bool = False
+) -> Any:
+    """value as the setting's type. from_text: value is text to read (an environment
+    variable); otherwise it must have the type already, as TOML gives it ("9000" is no port)."""
     where = f"{section}.{key} (from {source})"
+    if not from_text and annotation != "str" and isinstance(value, str):
+        wanted = {"int": "an integer", "bool": "true or false", "list[str]": "a list of strings"}
+        raise ConfigError(f"{where} must be {wanted[annotation]}, not the string {value!r}")
     if annotation == "int":
         if isinstance(value, str):
             try:
@@ -202,7 +210,10 @@ def _build(raw: Mapping[str, Mapping[str, Any]], source: str) -> Settings:
         }
         sections[section] = cls(**coerced)
     settings = Settings(**sections)
-    _check_ranges(settings)
+    try:
+        _check_ranges(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from {source})") from None
     return settings
 
 
@@ -304,5 +315,38 @@ def load(
         for f in dataclasses.fields(cls):
             name = f"DAILYPLAY_{section.upper()}_{f.name.upper()}"
             if name in env:
-                raw[section][f.name] = env[name]
+                raw[section][f.name] = _coerce(
+                    section, f.name, env[name], str(f.type), name, from_text=True
+                )
     return _build(raw, "environment" if source == "defaults" else f"{source} + environment")
+
+
+# DAILYPLAY_* variables that are not settings: the config file's path, and the test suite's own.
+OTHER_VARIABLES = ("DAILYPLAY_CONFIG",)
+TEST_VARIABLE_PREFIX = "DAILYPLAY_TEST_"
+
+
+def setting_variables() -> list[str]:
+    """The environment variable of every setting."""
+    return [f"DAILYPLAY_{s.upper()}_{k.upper()}" for s, k, _default, _help in settings_table()]
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each DAILYPLAY_* variable that is no setting (a typo is otherwise
+    silently ignored), naming the closest one. Warned about, not refused: platforms set such
+    variables themselves (Kubernetes, for a service named dailyplay: DAILYPLAY_PORT, ...)."""
+    env = os.environ if env is None else env
+    known = setting_variables()
+    warnings = []
+    for name in sorted(env):
+        if (
+            not name.startswith("DAILYPLAY_")
+            or name in known
+            or name in OTHER_VARIABLES
+            or name.startswith(TEST_VARIABLE_PREFIX)
+        ):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings

@@ -30,14 +30,14 @@ from dailyplay.clock import now_ms
 
 API = "/api/org-api-keys"
 
-# DAILYPLAY_FUZZ_SEED=random picks the conformance tests' seed once here, so the header can
-# show it and a failing run can be repeated with DAILYPLAY_FUZZ_SEED=<that number>.
-if os.environ.get("DAILYPLAY_FUZZ_SEED") == "random":
-    os.environ["DAILYPLAY_FUZZ_SEED"] = str(int.from_bytes(os.urandom(4), "big"))
+# DAILYPLAY_TEST_FUZZ_SEED=random picks the conformance tests' seed once here, so the header can
+# show it and a failing run can be repeated with DAILYPLAY_TEST_FUZZ_SEED=<that number>.
+if os.environ.get("DAILYPLAY_TEST_FUZZ_SEED") == "random":
+    os.environ["DAILYPLAY_TEST_FUZZ_SEED"] = str(int.from_bytes(os.urandom(4), "big"))
 
 
 def pytest_report_header() -> str:
-    return f"schemathesis seed: {os.environ.get('DAILYPLAY_FUZZ_SEED') or 'fixed (20261128)'}"
+    return f"schemathesis seed: {os.environ.get('DAILYPLAY_TEST_FUZZ_SEED') or 'fixed (20261128)'}"
 
 
 @dataclass

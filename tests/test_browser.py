@@ -1,6 +1,6 @@
 """The demo game page in headless Chromium: dailyplay.js from the API's origin, the page on
 another, a fresh token, play, reload. Screenshots of every state go to test-artifacts/browser/
-(DAILYPLAY_ARTIFACTS to change the folder)."""
+(DAILYPLAY_TEST_ARTIFACTS to change the folder)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("DAILYPLAY_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("DAILYPLAY_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
+CHROMIUM = os.environ.get("DAILYPLAY_TEST_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("DAILYPLAY_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
 # As root in a container, without a GPU, on a machine with no outside network.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -41,7 +41,7 @@ def browser() -> Iterator[Browser]:
     require(
         f"Chromium at {CHROMIUM}",
         Path(CHROMIUM).exists(),
-        "apt-get install chromium (.ci/run does), or point DAILYPLAY_CHROMIUM at one",
+        "apt-get install chromium (.ci/run does), or point DAILYPLAY_TEST_CHROMIUM at one",
     )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
@@ -226,7 +226,7 @@ def test_without_chromium_the_browser_tests_skip_locally_and_fail_in_ci(
 ) -> None:
     """A fresh machine runs the README's test line without Chromium: those tests skip with how
     to get it; under CI=true they fail, so CI never skips them silently."""
-    env = {**os.environ, "DAILYPLAY_CHROMIUM": str(tmp_path / "no-chromium"), "CI": ci}
+    env = {**os.environ, "DAILYPLAY_TEST_CHROMIUM": str(tmp_path / "no-chromium"), "CI": ci}
     result = subprocess.run(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rsE",

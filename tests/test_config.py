@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, serve
 
 from dailyplay import config
 
@@ -85,6 +87,10 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("[server]\ntrusted_proxies = ['not-an-ip']\n", {}, "trusted_proxies"),
         ("[limits]\nmax_metadata_bytes = 100000\n", {}, "max_metadata_bytes"),
         ("[server]\nworkers = true\n", {}, "server.workers"),
+        # TOML has types: a string is no port, no switch and no list
+        ("[server]\nport = '9000'\n", {}, "server.port (from"),
+        ("[metrics]\nenabled = 'false'\n", {}, "metrics.enabled (from"),
+        ("[cors]\nallow_origins = 'https://a.example'\n", {}, "must be a list of strings"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
@@ -93,6 +99,52 @@ def test_bad_settings_are_named(tmp_path: Path, text: str, env: dict, fragment: 
     with pytest.raises(config.ConfigError, match=None) as info:
         config.load(cfg, env=env)
     assert fragment in str(info.value)
+    # ...and where the bad value came from: the file, or the variable
+    assert (next(iter(env)) if env else str(cfg)) in str(info.value) or (
+        env and "environment" in str(info.value)
+    ), str(info.value)
+
+
+def test_misspelt_variables_are_warned_about_with_the_closest_setting(tmp_path: Path) -> None:
+    result = run_cli(
+        "init-db",
+        env={
+            "DAILYPLAY_DATABASE_PATH": str(tmp_path / "d.db"),
+            "DAILYPLAY_SERVR_PORT": "9000",
+            "DAILYPLAY_SERVER_PROT": "9000",
+            "DAILYPLAY_CONFIG_FILE": "x.toml",
+            "DAILYPLAY_TEST_ANYTHING": "1",  # the test suite's own prefix
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: DAILYPLAY_CONFIG_FILE is not a setting and is ignored",
+        "warning: DAILYPLAY_SERVER_PROT is not a setting and is ignored"
+        " (did you mean DAILYPLAY_SERVER_PORT?)",
+        "warning: DAILYPLAY_SERVR_PORT is not a setting and is ignored"
+        " (did you mean DAILYPLAY_SERVER_PORT?)",
+    ]
+
+
+@pytest.mark.slow
+def test_serve_warns_once_about_unknown_variables_and_missing_bearer_auth(
+    make_settings, tmp_path: Path
+) -> None:
+    settings = make_settings(auth={"jwt_public_key": ""})
+    with serve(settings, tmp_path, env={"DAILYPLAY_SERVR_PORT": "1"}) as server:
+        log = server.log()
+    warnings = [
+        json.loads(line)["message"]
+        for line in log.splitlines()
+        if line.startswith('{"time":') and '"level":"warning"' in line
+    ]
+    assert warnings == [
+        "DAILYPLAY_SERVR_PORT is not a setting and is ignored"
+        " (did you mean DAILYPLAY_SERVER_PORT?)",
+        "no bearer authentication is configured (auth.jwks_url or auth.jwt_public_key):"
+        " key management through the API answers 401 to every request",
+    ]
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Every phase (examples, coverage, fuzzing, stateful) and every check runs, with a real signed JWT
 for the management operations and a real API key for create-session. The seed is fixed unless
-DAILYPLAY_FUZZ_SEED is set (an integer, or "random").
+DAILYPLAY_TEST_FUZZ_SEED is set (an integer, or "random").
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from dailyplay.keys import issue_api_key
 FIXED_SEED = 20261128
 
 
-# conftest.py turns DAILYPLAY_FUZZ_SEED=random into a number and shows it in the run's header.
-SEED = int(os.environ.get("DAILYPLAY_FUZZ_SEED") or FIXED_SEED)
+# conftest.py turns DAILYPLAY_TEST_FUZZ_SEED=random into a number and shows it in the run's header.
+SEED = int(os.environ.get("DAILYPLAY_TEST_FUZZ_SEED") or FIXED_SEED)
 
 CONFIG = Path(__file__).parent / "schemathesis.toml"
 

@@ -520,8 +520,8 @@ def test_the_readme_schemathesis_line_passes_against_a_live_server(
         command = line.replace("http://127.0.0.1:8787", server.url).replace(
             ".venv/bin/schemathesis", str(Path(sys.executable).parent / "schemathesis")
         )
-        # A fixed seed keeps CI repeatable; DAILYPLAY_FUZZ_SEED picks another, as in-process.
-        command += f" --seed {os.environ.get('DAILYPLAY_FUZZ_SEED') or 20261128}"
+        # A fixed seed keeps CI repeatable; DAILYPLAY_TEST_FUZZ_SEED picks another, as in-process.
+        command += f" --seed {os.environ.get('DAILYPLAY_TEST_FUZZ_SEED') or 20261128}"
         env = {
             **os.environ,
             "DP_KEY": created.json()["data"]["key"],
