@@ -536,6 +536,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # --- parser -------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds each option's default to its help, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -548,86 +563,103 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dailyplay",
         description="Self-hosted DailyPlay session-token service.",
         parents=[common],
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dailyplay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser("serve", parents=[common], help="run the HTTP API")
-    serve.add_argument("--host", help="address to listen on (server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (server.port)")
-    serve.add_argument("--workers", type=int, help="worker processes (server.workers)")
+    def command(group: Any, name: str, summary: str) -> argparse.ArgumentParser:
+        """A subcommand whose one-line summary is both its line in the list and its help's
+        description."""
+        made: argparse.ArgumentParser = group.add_parser(
+            name,
+            parents=[common],
+            help=summary,
+            description=summary,
+            formatter_class=_HelpFormatter,
+        )
+        return made
+
+    org_help = "organization id (see `dailyplay org list`)"
+
+    serve = command(commands, "serve", "run the HTTP API")
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     serve.add_argument(
         "--log-format",
         choices=["json", "text"],
-        help="log lines as JSON or text (server.log_format)",
+        help="log lines as JSON or text (default: server.log_format)",
     )
     serve.set_defaults(func=cmd_serve)
 
-    init = commands.add_parser("init-db", parents=[common], help="create or migrate the database")
+    init = command(commands, "init-db", "create or migrate the database")
     init.set_defaults(func=cmd_init_db)
 
-    purge_cmd = commands.add_parser(
-        "purge", parents=[common], help="delete finished session tokens past retention"
+    purge_cmd = command(commands, "purge", "delete finished session tokens past retention")
+    purge_cmd.add_argument(
+        "--older-than-days", type=_days, help="age in days (default: sessions.retention_days)"
     )
-    purge_cmd.add_argument("--older-than-days", type=_days, help="default: sessions.retention_days")
     purge_cmd.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     purge_cmd.set_defaults(func=cmd_purge)
 
-    backup = commands.add_parser(
-        "backup", parents=[common], help="copy the database, live or not, to a new file"
-    )
+    backup = command(commands, "backup", "copy the database, live or not, to a new file")
     backup.add_argument("dest", help="the backup file to write")
     backup.add_argument("--force", action="store_true", help="replace dest if it exists")
     backup.set_defaults(func=cmd_backup)
 
-    org = commands.add_parser("org", parents=[common], help="manage organizations")
+    org = command(commands, "org", "manage organizations")
     org_commands = org.add_subparsers(dest="org_command", metavar="ACTION", required=True)
-    create = org_commands.add_parser("create", parents=[common], help="create an organization")
-    create.add_argument("--name", required=True, type=_label)
-    create.add_argument("--tier", choices=["free", "business"], default="free")
+    create = command(org_commands, "create", "create an organization")
+    create.add_argument("--name", required=True, type=_label, help="its name (1-255 characters)")
+    create.add_argument(
+        "--tier",
+        choices=["free", "business"],
+        default="free",
+        help="its plan; only business may create API keys",
+    )
     create.add_argument("--external-id", help="Clerk organization id (org_...)", type=_label)
     create.set_defaults(func=cmd_org_create)
-    org_list = org_commands.add_parser("list", parents=[common], help="list organizations")
+    org_list = command(org_commands, "list", "list organizations")
     org_list.set_defaults(func=cmd_org_list)
-    tier = org_commands.add_parser("set-tier", parents=[common], help="change an org's tier")
-    tier.add_argument("--org", required=True, type=_org_id)
-    tier.add_argument("--tier", required=True, choices=["free", "business"])
+    tier = command(org_commands, "set-tier", "change an organization's tier")
+    tier.add_argument("--org", required=True, type=_org_id, help=org_help)
+    tier.add_argument("--tier", required=True, choices=["free", "business"], help="the new plan")
     tier.set_defaults(func=cmd_org_set_tier)
 
-    member = commands.add_parser("member", parents=[common], help="manage organization members")
+    member = command(commands, "member", "manage organization members")
     member_commands = member.add_subparsers(dest="member_command", metavar="ACTION", required=True)
-    add = member_commands.add_parser("add", parents=[common], help="add or change a member")
-    add.add_argument("--org", required=True, type=_org_id)
+    add = command(member_commands, "add", "add or change a member")
+    add.add_argument("--org", required=True, type=_org_id, help=org_help)
     add.add_argument("--user", required=True, type=_label, help="Clerk user id (JWT sub)")
-    add.add_argument("--role", choices=["admin", "member"], default="member")
+    add.add_argument(
+        "--role",
+        choices=["admin", "member"],
+        default="member",
+        help="admin manages keys; member may list them",
+    )
     add.set_defaults(func=cmd_member_add)
-    remove = member_commands.add_parser("remove", parents=[common], help="remove a member")
-    remove.add_argument("--org", required=True, type=_org_id)
-    remove.add_argument("--user", required=True, type=_label)
+    remove = command(member_commands, "remove", "remove a member")
+    remove.add_argument("--org", required=True, type=_org_id, help=org_help)
+    remove.add_argument("--user", required=True, type=_label, help="Clerk user id (JWT sub)")
     remove.set_defaults(func=cmd_member_remove)
-    members = member_commands.add_parser("list", parents=[common], help="list an org's members")
-    members.add_argument("--org", required=True, type=_org_id)
+    members = command(member_commands, "list", "list an organization's members")
+    members.add_argument("--org", required=True, type=_org_id, help=org_help)
     members.set_defaults(func=cmd_member_list)
 
-    audit = commands.add_parser(
-        "audit", parents=[common], help="an organization's audit trail, newest first"
-    )
-    audit.add_argument("--org", required=True, type=_org_id)
-    audit.add_argument("--limit", type=_audit_limit, default=100, help="entries (default 100)")
+    audit = command(commands, "audit", "an organization's audit trail, newest first")
+    audit.add_argument("--org", required=True, type=_org_id, help=org_help)
+    audit.add_argument("--limit", type=_audit_limit, default=100, help="entries to show")
     audit.set_defaults(func=cmd_audit)
 
-    stats = commands.add_parser(
-        "stats", parents=[common], help="per API key: last use, tokens created/consumed lately"
-    )
-    stats.add_argument("--org", required=True, type=_org_id)
+    stats = command(commands, "stats", "per API key: last use, tokens created and consumed lately")
+    stats.add_argument("--org", required=True, type=_org_id, help=org_help)
     stats.set_defaults(func=cmd_stats)
 
-    demo = commands.add_parser(
-        "demo", parents=[common], help="start a ready-to-try instance with a key and a token"
-    )
+    demo = command(commands, "demo", "start a ready-to-try instance with a key and a token")
     demo.add_argument("--dir", default="dailyplay-demo", help="where the demo keeps its files")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8787)
+    demo.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    demo.add_argument("--port", type=int, default=8787, help="port of the API")
     demo.add_argument(
         "--game-port",
         type=int,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cli_json, run_cli
 
 from dailyplay import db
+from dailyplay.cli import build_parser
 
 
 @pytest.fixture
@@ -110,3 +114,37 @@ def test_python_dash_m_and_version() -> None:
 def test_output_is_json(env: dict[str, str]) -> None:
     result = run_cli("org", "list", env=env)
     assert json.loads(result.stdout) == []
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[Any]:
+    """(command path, its parser, its one-line summary) for every subcommand, nested ones too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            summaries = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield (*path, name), sub, summaries.get(name)
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_command_and_flag_says_what_it_is_for_and_its_default() -> None:
+    found = list(_commands(build_parser()))
+    assert len(found) >= 15
+    for path, sub, summary in found:
+        assert summary and sub.description == summary, path
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            assert action.help, (path, action.dest)
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in " ".join(text.split()), (path, action)
+
+
+def test_help_through_the_command_shows_defaults() -> None:
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "start a ready-to-try instance with a key and a token" in text
+    assert "port of the API (default: 8787)" in text
+    assert "address the API listens on (default: 127.0.0.1)" in text
