@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import sqlite3
 import uuid
@@ -17,7 +16,7 @@ from starlette.responses import Response
 
 from . import inputs
 from .auth import JwtVerifier, Principal, require_org_role
-from .clock import MAX_MS, iso_from_ms, ms_from_iso, now_ms
+from .clock import iso_from_ms, now_ms
 from .config import Settings
 from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database, KeyChanged, audit_entry
 from .deadlines import Deadlines
@@ -26,11 +25,14 @@ from .keys import (
     ApiKeyVerifier,
     KeyState,
     KeyStates,
+    api_key_data,
     generate_api_key,
     hash_api_key,
     is_well_formed,
-    json_list,
+    key_changes,
+    key_insert_values,
     key_prefix,
+    new_key_fields,
 )
 from .logs import note
 from .ratelimit import (
@@ -48,14 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dailyplay.api")
 
-MAX_NAME = 255
-MAX_DESCRIPTION = 1000
 MAX_EXTERNAL_REF = 255
 MAX_PLAYER_UUID = 255
-MAX_RATE_PER_MINUTE = 1_000_000
-MAX_RATE_PER_DAY = 1_000_000_000
-DEFAULT_RATE_PER_MINUTE = 60
-DEFAULT_RATE_PER_DAY = 10_000
 
 
 @dataclass
@@ -449,50 +445,6 @@ async def consume_session(services: Services, request: Request, params: dict[str
 # --- API keys -----------------------------------------------------------------------------------
 
 
-def api_key_data(row: sqlite3.Row) -> dict[str, Any]:
-    """A key as the API shows it: never its hash, never the raw key."""
-    return {
-        "id": row["id"],
-        "org_id": row["org_id"],
-        "name": row["name"],
-        "description": row["description"],
-        "key_prefix": row["key_prefix"],
-        "is_active": bool(row["is_active"]),
-        "allowed_game_ids": json_list(row["allowed_game_ids"]),
-        "allowed_stream_ids": json_list(row["allowed_stream_ids"]),
-        "rate_limit_per_minute": row["rate_limit_per_minute"],
-        "rate_limit_per_day": row["rate_limit_per_day"],
-        "expires_at": iso_from_ms(row["expires_at"]),
-        "created_at": iso_from_ms(row["created_at"]),
-        "updated_at": iso_from_ms(row["updated_at"]),
-        "last_used_at": iso_from_ms(row["last_used_at"]),
-    }
-
-
-def _future_time(value: Any, name: str, now: int) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ApiError(400, f"'{name}' must be an ISO 8601 date-time string or null")
-    try:
-        moment = ms_from_iso(value)
-    except ValueError:
-        raise ApiError(
-            400,
-            f"'{name}' must be an RFC 3339 date-time with an offset, e.g. 2027-01-01T00:00:00Z",
-        ) from None
-    if moment <= now:
-        raise ApiError(400, f"'{name}' must be in the future")
-    # An offset can carry 9999-12-31T23:59:59-23:59 into year 10000, which the API cannot
-    # write back in its four-digit form; at most a day is lost there.
-    return min(moment, MAX_MS)
-
-
-def _id_list_json(value: Any, name: str) -> str | None:
-    ids = inputs.id_list(value, name)
-    return None if ids is None else json.dumps(ids)
-
-
 async def list_api_keys(services: Services, request: Request, params: dict[str, str]) -> Response:
     principal = await authenticate_bearer(services, request)
     org_id = inputs.query_positive_int(params, "org_id")
@@ -530,32 +482,11 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
             kind="org_not_business",
         )
     now = now_ms()
-    name = inputs.text(body["name"], "name", MAX_NAME, required=True)
-    description = inputs.text(body.get("description"), "description", MAX_DESCRIPTION)
-    allowed_games = _id_list_json(body.get("allowed_game_ids"), "allowed_game_ids")
-    allowed_streams = _id_list_json(body.get("allowed_stream_ids"), "allowed_stream_ids")
-    per_minute = body.get("rate_limit_per_minute", DEFAULT_RATE_PER_MINUTE)
-    per_minute = inputs.positive_int(per_minute, "rate_limit_per_minute", MAX_RATE_PER_MINUTE)
-    per_day = body.get("rate_limit_per_day", DEFAULT_RATE_PER_DAY)
-    per_day = inputs.positive_int(per_day, "rate_limit_per_day", MAX_RATE_PER_DAY)
-    expires_at = _future_time(body.get("expires_at"), "expires_at", now)
+    fields = new_key_fields(body, now)
     raw_key = generate_api_key()
     key_hash = await _hash_in_thread(raw_key)
     row = await services.db.insert_api_key(
-        (
-            org_id,
-            name,
-            description,
-            key_prefix(raw_key),
-            key_hash,
-            allowed_games,
-            allowed_streams,
-            per_minute,
-            per_day,
-            expires_at,
-            now,
-            now,
-        ),
+        key_insert_values(org_id, fields, raw_key, key_hash, now),
         _actor(services, request, principal),
     )
     return ok({**api_key_data(row), "key": raw_key})
@@ -579,28 +510,7 @@ async def update_api_key(services: Services, request: Request, params: dict[str,
     note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=True)
     now = now_ms()
-    changes: dict[str, Any] = {}
-    if "is_active" in body:
-        changes["is_active"] = int(inputs.boolean(body["is_active"], "is_active"))
-    if "name" in body:
-        changes["name"] = inputs.text(body["name"], "name", MAX_NAME, required=True)
-    if "description" in body:
-        changes["description"] = inputs.text(body["description"], "description", MAX_DESCRIPTION)
-    for name in ("allowed_game_ids", "allowed_stream_ids"):
-        if name in body:
-            changes[name] = _id_list_json(body[name], name)
-    if "rate_limit_per_minute" in body:
-        changes["rate_limit_per_minute"] = inputs.positive_int(
-            body["rate_limit_per_minute"], "rate_limit_per_minute", MAX_RATE_PER_MINUTE
-        )
-    if "rate_limit_per_day" in body:
-        changes["rate_limit_per_day"] = inputs.positive_int(
-            body["rate_limit_per_day"], "rate_limit_per_day", MAX_RATE_PER_DAY
-        )
-    if "expires_at" in body:
-        changes["expires_at"] = _future_time(body["expires_at"], "expires_at", now)
-    if not changes:
-        raise ApiError(400, "nothing to update: send at least one of " + ", ".join(mutable))
+    changes = key_changes(body, now)
     row, revoked = await services.db.update_api_key(
         org_id, key_id, changes, now, _actor(services, request, principal)
     )

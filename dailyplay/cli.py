@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import getpass
 import json
 import logging
 import logging.config
@@ -234,6 +235,94 @@ def cmd_audit(args: argparse.Namespace) -> None:
     if not db.org_exists(conn, args.org):
         raise CliError(f"organization {args.org} not found")
     emit([db.audit_entry(row) for row in db.list_audit(conn, args.org, args.limit)])
+
+
+def _cli_actor() -> db.Actor:
+    """Who the audit trail names for a change made here: cli:<the OS user>."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = str(os.getuid())
+    return db.Actor(f"cli:{user}")
+
+
+def _key_rule(check: Callable[[], Any]) -> Any:
+    """Run one of the API's key rules; its 400 becomes a usage error with the same message."""
+    from .errors import ApiError
+
+    try:
+        return check()
+    except ApiError as exc:
+        raise CliError(exc.message, EXIT_USAGE) from None
+
+
+def cmd_key_create(args: argparse.Namespace) -> None:
+    from .keys import (
+        api_key_data,
+        generate_api_key,
+        hash_api_key,
+        key_insert_values,
+        new_key_fields,
+    )
+
+    body: dict[str, Any] = {"name": args.name, "description": args.description}
+    if args.game is not None:
+        body["allowed_game_ids"] = args.game
+    if args.stream is not None:
+        body["allowed_stream_ids"] = args.stream
+    if args.per_minute is not None:
+        body["rate_limit_per_minute"] = args.per_minute
+    if args.per_day is not None:
+        body["rate_limit_per_day"] = args.per_day
+    if args.expires is not None:
+        body["expires_at"] = args.expires
+    now = now_ms()
+    fields = _key_rule(lambda: new_key_fields(body, now))
+    conn = _connect(_settings(args))
+    tier = db.org_tier(conn, args.org)
+    if tier is None:
+        raise CliError(f"organization {args.org} not found")
+    if tier != "business":
+        raise CliError(
+            f"organization {args.org} is not on the Business tier, which API keys need"
+            f" (dailyplay org set-tier --org {args.org} --tier business)"
+        )
+    raw_key = generate_api_key()
+    values = key_insert_values(args.org, fields, raw_key, hash_api_key(raw_key), now)
+    with db.transaction(conn):
+        row = db.insert_api_key(conn, values, _cli_actor())
+    emit({**api_key_data(row), "key": raw_key})
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    from .keys import api_key_data
+
+    conn = _connect(_settings(args))
+    if not db.org_exists(conn, args.org):
+        raise CliError(f"organization {args.org} not found")
+    emit([api_key_data(row) for row in db.list_api_keys(conn, args.org)])
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> None:
+    from .keys import api_key_data
+
+    conn = _connect(_settings(args))
+    with db.transaction(conn):
+        row, revoked = db.update_api_key_in(
+            conn, args.org, args.id, {"is_active": 0}, now_ms(), _cli_actor()
+        )
+    if row is None:
+        raise CliError(f"API key {args.id} not found in organization {args.org}")
+    emit({**api_key_data(row), "revoked_sessions": revoked})
+
+
+def cmd_key_delete(args: argparse.Namespace) -> None:
+    conn = _connect(_settings(args))
+    with db.transaction(conn):
+        revoked = db.delete_api_key_in(conn, args.org, args.id, now_ms(), _cli_actor())
+    if revoked is None:
+        raise CliError(f"API key {args.id} not found in organization {args.org}")
+    emit({"id": args.id, "deleted": True, "revoked_sessions": revoked})
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -646,6 +735,52 @@ def build_parser() -> argparse.ArgumentParser:
     members = command(member_commands, "list", "list an organization's members")
     members.add_argument("--org", required=True, type=_org_id, help=org_help)
     members.set_defaults(func=cmd_member_list)
+
+    key = command(commands, "key", "manage an organization's API keys, without Clerk")
+    key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    key_create = command(key_commands, "create", "create an API key; prints the raw key once")
+    key_create.add_argument("--org", required=True, type=_org_id, help=org_help)
+    key_create.add_argument("--name", required=True, help="its name (1-255 characters)")
+    key_create.add_argument("--description", help="what it is for (at most 1000 characters)")
+    key_create.add_argument(
+        "--game",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="a game id it may create tokens for; repeat for several (default: every game)",
+    )
+    key_create.add_argument(
+        "--stream",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="a stream id it may create tokens for; repeat for several (default: every stream)",
+    )
+    key_create.add_argument(
+        "--per-minute", type=int, help="tokens it may create per minute (default: 60)"
+    )
+    key_create.add_argument(
+        "--per-day", type=int, help="tokens it may create per UTC day (default: 10000)"
+    )
+    key_create.add_argument(
+        "--expires", metavar="TIME", help="RFC 3339 time it stops working (default: never)"
+    )
+    key_create.set_defaults(func=cmd_key_create)
+    key_list = command(key_commands, "list", "list an organization's API keys (never the keys)")
+    key_list.add_argument("--org", required=True, type=_org_id, help=org_help)
+    key_list.set_defaults(func=cmd_key_list)
+    key_revoke = command(
+        key_commands, "revoke", "deactivate an API key and revoke its live session tokens"
+    )
+    key_revoke.add_argument("--org", required=True, type=_org_id, help=org_help)
+    key_revoke.add_argument("--id", required=True, type=_org_id, help="the key's id")
+    key_revoke.set_defaults(func=cmd_key_revoke)
+    key_delete = command(
+        key_commands, "delete", "delete an API key after revoking its live session tokens"
+    )
+    key_delete.add_argument("--org", required=True, type=_org_id, help=org_help)
+    key_delete.add_argument("--id", required=True, type=_org_id, help="the key's id")
+    key_delete.set_defaults(func=cmd_key_delete)
 
     audit = command(commands, "audit", "an organization's audit trail, newest first")
     audit.add_argument("--org", required=True, type=_org_id, help=org_help)

@@ -845,60 +845,16 @@ class Database:
     async def update_api_key(
         self, org_id: int, key_id: int, changes: dict[str, Any], now: int, by: Actor
     ) -> tuple[sqlite3.Row | None, int]:
-        """Apply changes to a key of org_id; deactivating revokes its live tokens at once.
-
-        Returns (the updated row or None when the key is not in the org, tokens revoked).
-        """
-        unknown = set(changes) - MUTABLE_KEY_COLUMNS
-        if unknown:
-            raise ValueError(f"not a mutable API key column: {sorted(unknown)}")
-
-        def work(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, int]:
-            before = conn.execute(
-                f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ? AND org_id = ?",
-                (key_id, org_id),
-            ).fetchone()
-            if before is None:
-                return None, 0
-            assignments = ", ".join(f"{column} = ?" for column in changes)
-            # The row was just read in this transaction, so the UPDATE finds it.
-            row = conn.execute(
-                f"UPDATE api_keys SET {assignments}, updated_at = ?"
-                f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
-                (*changes.values(), now, key_id, org_id),
-            ).fetchone()
-            revoked = 0
-            if changes.get("is_active") == 0:
-                revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
-            diff = {
-                column: {"from": before[column], "to": value}
-                for column, value in changes.items()
-                if before[column] != value
-            }
-            action = "api_key.update"
-            if "is_active" in diff:
-                action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
-            record_audit(conn, now, org_id, by, action, key_id, diff)
-            return row, revoked
-
-        return await self._in_transaction(work)
+        """update_api_key_in, in one transaction of the writer."""
+        return await self._in_transaction(
+            lambda conn: update_api_key_in(conn, org_id, key_id, changes, now, by)
+        )
 
     async def delete_api_key(self, org_id: int, key_id: int, now: int, by: Actor) -> int | None:
-        """Revoke a key's live tokens and delete it, in one transaction; None if not in the org."""
-
-        def work(conn: sqlite3.Connection) -> int | None:
-            found = conn.execute(
-                "SELECT 1 FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
-            ).fetchone()
-            if found is None:
-                return None
-            revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
-            conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
-            conn.execute("DELETE FROM key_usage WHERE api_key_id = ?", (key_id,))
-            record_audit(conn, now, org_id, by, "api_key.delete", key_id, None)
-            return int(revoked)
-
-        return await self._in_transaction(work)
+        """delete_api_key_in, in one transaction of the writer."""
+        return await self._in_transaction(
+            lambda conn: delete_api_key_in(conn, org_id, key_id, now, by)
+        )
 
     async def find_api_key_hashes(self, key_prefix: str) -> list[sqlite3.Row]:
         """(id, key_hash) of every key whose first 8 characters are key_prefix."""
@@ -1039,6 +995,12 @@ def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
     return conn.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,)).fetchone() is not None
 
 
+def org_tier(conn: sqlite3.Connection, org_id: int) -> str | None:
+    """The org's tier, or None if there is no such org."""
+    row = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def upsert_member(
     conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int, by: Actor = CLI
 ) -> sqlite3.Row:
@@ -1083,6 +1045,64 @@ def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
         " ORDER BY user_id",
         (org_id,),
     ).fetchall()
+
+
+def update_api_key_in(
+    conn: sqlite3.Connection,
+    org_id: int,
+    key_id: int,
+    changes: dict[str, Any],
+    now: int,
+    by: Actor,
+) -> tuple[sqlite3.Row | None, int]:
+    """Apply changes to a key of org_id, with its audit entry, in the caller's transaction;
+    deactivating revokes its live tokens at once. Returns (the updated row, or None when the
+    key is not in the org; tokens revoked)."""
+    unknown = set(changes) - MUTABLE_KEY_COLUMNS
+    if unknown:
+        raise ValueError(f"not a mutable API key column: {sorted(unknown)}")
+    before = conn.execute(
+        f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
+    ).fetchone()
+    if before is None:
+        return None, 0
+    assignments = ", ".join(f"{column} = ?" for column in changes)
+    # The row was just read in this transaction, so the UPDATE finds it.
+    row = conn.execute(
+        f"UPDATE api_keys SET {assignments}, updated_at = ?"
+        f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
+        (*changes.values(), now, key_id, org_id),
+    ).fetchone()
+    revoked = 0
+    if changes.get("is_active") == 0:
+        revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
+    diff = {
+        column: {"from": before[column], "to": value}
+        for column, value in changes.items()
+        if before[column] != value
+    }
+    action = "api_key.update"
+    if "is_active" in diff:
+        action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
+    record_audit(conn, now, org_id, by, action, key_id, diff)
+    return row, revoked
+
+
+def delete_api_key_in(
+    conn: sqlite3.Connection, org_id: int, key_id: int, now: int, by: Actor
+) -> int | None:
+    """Revoke a key's live tokens and delete it, with its audit entry, in the caller's
+    transaction; the tokens revoked, or None if the key is not in the org."""
+    found = conn.execute(
+        "SELECT 1 FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
+    ).fetchone()
+    if found is None:
+        return None
+    revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
+    conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+    conn.execute("DELETE FROM key_usage WHERE api_key_id = ?", (key_id,))
+    record_audit(conn, now, org_id, by, "api_key.delete", key_id, None)
+    return int(revoked)
 
 
 def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:

@@ -31,7 +31,10 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from .db import CLI, Database, insert_api_key
+from . import inputs
+from .clock import MAX_MS, iso_from_ms, ms_from_iso
+from .db import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key
+from .errors import ApiError
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
 PREFIX_LENGTH = 8
@@ -59,6 +62,129 @@ def key_prefix(raw_key: str) -> str:
 def hash_api_key(raw_key: str) -> str:
     """The argon2id hash stored for a key."""
     return _hasher.hash(raw_key)
+
+
+MAX_NAME = 255
+MAX_DESCRIPTION = 1000
+MAX_RATE_PER_MINUTE = 1_000_000
+MAX_RATE_PER_DAY = 1_000_000_000
+DEFAULT_RATE_PER_MINUTE = 60
+DEFAULT_RATE_PER_DAY = 10_000
+
+
+# --- key rules, for the API and the CLI alike (ApiError 400 names the field at fault) -----------
+
+
+def future_time(value: Any, name: str, now: int) -> int | None:
+    """An RFC 3339 time in the future (or None) as milliseconds."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be an ISO 8601 date-time string or null")
+    try:
+        moment = ms_from_iso(value)
+    except ValueError:
+        raise ApiError(
+            400,
+            f"'{name}' must be an RFC 3339 date-time with an offset, e.g. 2027-01-01T00:00:00Z",
+        ) from None
+    if moment <= now:
+        raise ApiError(400, f"'{name}' must be in the future")
+    # An offset can carry 9999-12-31T23:59:59-23:59 into year 10000, which the API cannot
+    # write back in its four-digit form; at most a day is lost there.
+    return min(moment, MAX_MS)
+
+
+def id_list_json(value: Any, name: str) -> str | None:
+    """An allow-list (positive integers, or None for all) as its stored JSON text."""
+    ids = inputs.id_list(value, name)
+    return None if ids is None else json.dumps(ids)
+
+
+def new_key_fields(body: dict[str, Any], now: int) -> dict[str, Any]:
+    """A new key's settings from a create request's fields, as stored (defaults applied)."""
+    per_minute = body.get("rate_limit_per_minute", DEFAULT_RATE_PER_MINUTE)
+    per_day = body.get("rate_limit_per_day", DEFAULT_RATE_PER_DAY)
+    return {
+        "name": inputs.text(body.get("name"), "name", MAX_NAME, required=True),
+        "description": inputs.text(body.get("description"), "description", MAX_DESCRIPTION),
+        "allowed_game_ids": id_list_json(body.get("allowed_game_ids"), "allowed_game_ids"),
+        "allowed_stream_ids": id_list_json(body.get("allowed_stream_ids"), "allowed_stream_ids"),
+        "rate_limit_per_minute": inputs.positive_int(
+            per_minute, "rate_limit_per_minute", MAX_RATE_PER_MINUTE
+        ),
+        "rate_limit_per_day": inputs.positive_int(per_day, "rate_limit_per_day", MAX_RATE_PER_DAY),
+        "expires_at": future_time(body.get("expires_at"), "expires_at", now),
+    }
+
+
+def key_insert_values(
+    org_id: int, fields: dict[str, Any], raw_key: str, key_hash: str, now: int
+) -> tuple[Any, ...]:
+    """new_key_fields in INSERT_API_KEY's column order."""
+    return (
+        org_id,
+        fields["name"],
+        fields["description"],
+        key_prefix(raw_key),
+        key_hash,
+        fields["allowed_game_ids"],
+        fields["allowed_stream_ids"],
+        fields["rate_limit_per_minute"],
+        fields["rate_limit_per_day"],
+        fields["expires_at"],
+        now,
+        now,
+    )
+
+
+def key_changes(body: dict[str, Any], now: int) -> dict[str, Any]:
+    """The stored changes an update request's fields ask for; 400 when it asks for none."""
+    changes: dict[str, Any] = {}
+    if "is_active" in body:
+        changes["is_active"] = int(inputs.boolean(body["is_active"], "is_active"))
+    if "name" in body:
+        changes["name"] = inputs.text(body["name"], "name", MAX_NAME, required=True)
+    if "description" in body:
+        changes["description"] = inputs.text(body["description"], "description", MAX_DESCRIPTION)
+    for name in ("allowed_game_ids", "allowed_stream_ids"):
+        if name in body:
+            changes[name] = id_list_json(body[name], name)
+    if "rate_limit_per_minute" in body:
+        changes["rate_limit_per_minute"] = inputs.positive_int(
+            body["rate_limit_per_minute"], "rate_limit_per_minute", MAX_RATE_PER_MINUTE
+        )
+    if "rate_limit_per_day" in body:
+        changes["rate_limit_per_day"] = inputs.positive_int(
+            body["rate_limit_per_day"], "rate_limit_per_day", MAX_RATE_PER_DAY
+        )
+    if "expires_at" in body:
+        changes["expires_at"] = future_time(body["expires_at"], "expires_at", now)
+    if not changes:
+        raise ApiError(
+            400, "nothing to update: send at least one of " + ", ".join(sorted(MUTABLE_KEY_COLUMNS))
+        )
+    return changes
+
+
+def api_key_data(row: sqlite3.Row) -> dict[str, Any]:
+    """A key as the API and the CLI show it: never its hash, never the raw key."""
+    return {
+        "id": row["id"],
+        "org_id": row["org_id"],
+        "name": row["name"],
+        "description": row["description"],
+        "key_prefix": row["key_prefix"],
+        "is_active": bool(row["is_active"]),
+        "allowed_game_ids": json_list(row["allowed_game_ids"]),
+        "allowed_stream_ids": json_list(row["allowed_stream_ids"]),
+        "rate_limit_per_minute": row["rate_limit_per_minute"],
+        "rate_limit_per_day": row["rate_limit_per_day"],
+        "expires_at": iso_from_ms(row["expires_at"]),
+        "created_at": iso_from_ms(row["created_at"]),
+        "updated_at": iso_from_ms(row["updated_at"]),
+        "last_used_at": iso_from_ms(row["last_used_at"]),
+    }
 
 
 def issue_api_key(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_json, run_cli
+from conftest import API, cli_json, run_cli, running_app, sql
 
 from dailyplay import db
 from dailyplay.cli import build_parser
@@ -149,3 +150,93 @@ def test_help_through_the_command_shows_defaults() -> None:
     assert "start a ready-to-try instance with a key and a token" in text
     assert "port of the API (default: 8787)" in text
     assert "address the API listens on (default: 127.0.0.1)" in text
+
+
+# --- API keys without Clerk ---------------------------------------------------------------------
+
+
+def test_key_lifecycle_through_the_cli_works_against_the_api(
+    env: dict[str, str], make_settings, tmp_path: Path
+) -> None:
+    org = str(cli_json("org", "create", "--name", "Shop", "--tier", "business", env=env)["id"])
+    created = cli_json(
+        "key", "create", "--org", org, "--name", "Checkout", "--game", "42", "--game", "7",
+        "--per-minute", "5", "--expires", "2099-01-01T00:00:00Z", env=env,
+    )  # fmt: skip
+    raw = created["key"]
+    assert raw.startswith("dpk_") and created["key_prefix"] == raw[:8]
+    assert created["allowed_game_ids"] == [7, 42] and created["allowed_stream_ids"] is None
+    assert created["rate_limit_per_minute"] == 5 and created["rate_limit_per_day"] == 10000
+    assert created["expires_at"] == "2099-01-01T00:00:00.000Z" and created["is_active"] is True
+    settings = make_settings(database={"path": env["DAILYPLAY_DATABASE_PATH"]})
+    stored = sql(settings, "SELECT key_hash FROM api_keys")[0][0]
+    assert stored.startswith("$argon2id$") and raw not in stored
+
+    listed = cli_json("key", "list", "--org", org, env=env)
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert "key" not in listed[0] and "key_hash" not in listed[0]
+
+    with running_app(settings) as client:
+        headers = {"x-api-key": raw}
+        made = client.post(f"{API}?action=create-session", json={"game_id": 42}, headers=headers)
+        assert made.status_code == 200, made.text
+        other = client.post(f"{API}?action=create-session", json={"game_id": 43}, headers=headers)
+        assert other.status_code == 403
+        token = made.json()["data"]["token"]
+
+        revoked = cli_json("key", "revoke", "--org", org, "--id", str(created["id"]), env=env)
+        assert revoked["is_active"] is False and revoked["revoked_sessions"] == 1
+        status = client.get(f"{API}?action=validate-session&token={token}").json()["data"]
+        assert status["status"] == "revoked"
+        assert (
+            client.post(
+                f"{API}?action=create-session", json={"game_id": 42}, headers=headers
+            ).status_code
+            == 401
+        )
+
+    deleted = cli_json("key", "delete", "--org", org, "--id", str(created["id"]), env=env)
+    assert deleted == {"id": created["id"], "deleted": True, "revoked_sessions": 0}
+    assert cli_json("key", "list", "--org", org, env=env) == []
+    trail = [e for e in cli_json("audit", "--org", org, env=env) if e["api_key_id"]]
+    assert [e["action"] for e in trail] == ["api_key.delete", "api_key.revoke", "api_key.create"]
+    assert all(e["actor"] == f"cli:{getpass.getuser()}" for e in trail)
+    assert trail[1]["changes"] == {"is_active": {"from": True, "to": False}}
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "fragment"),
+    [
+        (["--name", " "], 2, "'name'"),
+        (["--name", "x", "--per-minute", "0"], 2, "rate_limit_per_minute"),
+        (["--name", "x", "--per-day", "-3"], 2, "rate_limit_per_day"),
+        (["--name", "x", "--game", "0"], 2, "allowed_game_ids"),
+        (["--name", "x", "--expires", "2001-01-01T00:00:00Z"], 2, "must be in the future"),
+        (["--name", "x", "--expires", "tomorrow"], 2, "RFC 3339"),
+        (["--name", "x", "--description", "d" * 1001], 2, "description"),
+    ],
+)
+def test_key_create_refuses_bad_input_and_stores_nothing(
+    env: dict[str, str], make_settings, args: list[str], status: int, fragment: str
+) -> None:
+    org = str(cli_json("org", "create", "--name", "Shop", "--tier", "business", env=env)["id"])
+    result = run_cli("key", "create", "--org", org, *args, env=env)
+    assert result.returncode == status, result.stderr
+    assert fragment in result.stderr and result.stdout == ""
+    settings = make_settings(database={"path": env["DAILYPLAY_DATABASE_PATH"]})
+    assert sql(settings, "SELECT count(*) FROM api_keys") == [(0,)]
+    assert sql(settings, "SELECT count(*) FROM audit_log WHERE action LIKE 'api_key.%'") == [(0,)]
+
+
+def test_key_commands_name_what_is_missing(env: dict[str, str]) -> None:
+    free = str(cli_json("org", "create", "--name", "Free Co", env=env)["id"])
+    result = run_cli("key", "create", "--org", free, "--name", "x", env=env)
+    assert result.returncode == 1 and "not on the Business tier" in result.stderr
+    assert "set-tier" in result.stderr
+    for command in (["create", "--name", "x"], ["list"]):
+        missing = run_cli("key", *command, "--org", "99", env=env)
+        assert missing.returncode == 1 and "organization 99 not found" in missing.stderr
+    for command in ("revoke", "delete"):
+        missing = run_cli("key", command, "--org", free, "--id", "5", env=env)
+        assert missing.returncode == 1
+        assert f"API key 5 not found in organization {free}" in missing.stderr
