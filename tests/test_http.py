@@ -79,7 +79,7 @@ def test_unknown_query_parameters_are_400(world: World, api_key: str) -> None:
 
 def test_unknown_path_is_a_json_404(world: World) -> None:
     for path in (
-        "/",
+        "/index.html",
         "/api",
         "/api/org-api-keys/",
         "/api/org-api-keys/1",
