@@ -580,6 +580,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(settings, args.config or os.environ.get("DAILYPLAY_CONFIG"))
 
 
+def _port_is_free(host: str, port: int, option: str) -> None:
+    """CliError unless host:port can be listened on now; option names the flag to change."""
+    from .workers import listening_sockets
+
+    try:
+        listening_sockets(host, port, 1)[0].close()
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; pick another port with {option}"
+        ) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import prepare_demo
 
@@ -589,6 +601,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise CliError(
             "--game-port must be 1..65535 and not the API's port (0: no game)", EXIT_USAGE
         )
+    if not args.no_serve:
+        # Both ports are checked before any file is made or any credential printed.
+        _port_is_free(args.host, args.port, "--port")
+        if game_port:
+            _port_is_free(args.host, game_port, "--game-port (0: no game)")
     try:
         settings, info, guide = prepare_demo(
             Path(args.dir), args.host, args.port, base, game_port or None
@@ -616,6 +633,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(guide, file=sys.stderr, flush=True)
     try:
         run_server(settings, info["config"], announce=False)
+    except KeyboardInterrupt:  # the guide says to stop it with Ctrl-C: a normal end
+        print("dailyplay demo stopped", file=sys.stderr, flush=True)
     finally:
         if game is not None:
             game.shutdown()

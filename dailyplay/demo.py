@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from importlib import resources
@@ -116,7 +117,7 @@ def prepare_demo(
     url = f"http://{host}:{port}"
     game = f"http://{host}:{game_port}" if game_port else None
     env = {"DP_URL": f"{url}/api/org-api-keys", "DP_KEY": raw_key, "DP_JWT": bearer}
-    curl = demo_curl_lines(org_id, key_row["id"])
+    curl = demo_curl_lines(org_id)
     info = {
         "url": url,
         "config": str(config_path),
@@ -158,11 +159,20 @@ def prepare_demo(
     return settings, info, guide
 
 
-def demo_curl_lines(org_id: int, key_id: int) -> dict[str, str]:
-    """Copy-paste curl lines; they read the URL, key and JWT from DP_URL, DP_KEY and DP_JWT."""
+def demo_curl_lines(org_id: int) -> dict[str, str]:
+    """Copy-paste curl lines; they read the URL, key and JWT from DP_URL, DP_KEY and DP_JWT.
+    Pasted in order, they never touch the demo's own key: the revoke and delete examples act
+    on the key the line before them created (KEY_ID)."""
     json_header = "-H 'content-type: application/json'"
     auth = '-H "authorization: Bearer $DP_JWT"'
-    extract = 'python3 -c \'import json,sys; print(json.load(sys.stdin)["data"]["token"])\''
+
+    def extract(field: str) -> str:
+        return f'python3 -c \'import json,sys; print(json.load(sys.stdin)["data"]["{field}"])\''
+
+    create_key = (
+        f'curl -s -X POST "$DP_URL" {auth} {json_header}'
+        f' -d \'{{"org_id": {org_id}, "name": "CRM", "allowed_game_ids": [42]}}\''
+    )
     create = (
         'curl -s -X POST "$DP_URL?action=create-session" -H "x-api-key: $DP_KEY" '
         f"{json_header}"
@@ -170,22 +180,19 @@ def demo_curl_lines(org_id: int, key_id: int) -> dict[str, str]:
     )
     return {
         "create_session": create,
-        "create_session_into_TOKEN": f"TOKEN=$({create} | {extract}); echo $TOKEN",
+        "create_session_into_TOKEN": f"TOKEN=$({create} | {extract('token')}); echo $TOKEN",
         "validate_session": 'curl -s "$DP_URL?action=validate-session&token=$TOKEN"',
         "consume_session": (
             f'curl -s -X POST "$DP_URL?action=consume-session" {json_header}'
             ' -d \'{"token": "\'$TOKEN\'", "player_uuid": "player-1"}\''
         ),
         "list_api_keys": f'curl -s "$DP_URL?org_id={org_id}" {auth}',
-        "create_api_key": (
-            f'curl -s -X POST "$DP_URL" {auth} {json_header}'
-            f' -d \'{{"org_id": {org_id}, "name": "CRM", "allowed_game_ids": [42]}}\''
-        ),
+        "create_api_key_into_KEY_ID": f"KEY_ID=$({create_key} | {extract('id')}); echo $KEY_ID",
         "revoke_api_key": (
             f'curl -s -X PATCH "$DP_URL" {auth} {json_header}'
-            f' -d \'{{"id": {key_id}, "org_id": {org_id}, "is_active": false}}\''
+            f' -d \'{{"id": \'$KEY_ID\', "org_id": {org_id}, "is_active": false}}\''
         ),
-        "delete_api_key": f'curl -s -X DELETE "$DP_URL?id={key_id}&org_id={org_id}" {auth}',
+        "delete_api_key": f'curl -s -X DELETE "$DP_URL?id=$KEY_ID&org_id={org_id}" {auth}',
     }
 
 
@@ -258,8 +265,15 @@ class _GameHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/new-play":
             try:
                 token = self.server.mint_token()
+            except urllib.error.HTTPError as exc:
+                self._send(502, _refusal_page(exc).encode(), "text/plain; charset=utf-8")
+                return
             except (OSError, ValueError, KeyError) as exc:
-                message = f"the API did not hand out a token: {exc}"
+                message = (
+                    f"No new play: the demo's API at {self.server.api_url} could not be reached"
+                    f" or gave no token ({exc}).\nIs `dailyplay demo` still running? Start it"
+                    " again if not.\n"
+                )
                 self._send(502, message.encode(), "text/plain; charset=utf-8")
                 return
             self._send(303, b"", "text/plain", {"Location": f"/?token={token}"})
@@ -279,6 +293,24 @@ class _GameHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the API's log tells what happened to each token
+
+
+def _refusal_page(exc: urllib.error.HTTPError) -> str:
+    """What /new-play says when the API refused to hand out a token, and what to do."""
+    try:
+        reason = str(json.loads(exc.read())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        reason = exc.reason
+    text = f"No new play: the API answered HTTP {exc.code} to the demo's create-session: {reason}\n"
+    if exc.code == 401:
+        text += (
+            "\nThe demo's API key no longer works: it was revoked, deleted or has expired."
+            "\nStop the demo (Ctrl-C) and start it again: `dailyplay demo` makes a new key each"
+            " time it starts.\n"
+        )
+    elif exc.code == 429:
+        text += "\nThe demo's key is at its rate limit: wait for the next minute and try again.\n"
+    return text
 
 
 def start_game_server(host: str, port: int, api_url: str, api_key: str) -> GameServer:

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from conftest import (
     SigningKey,
     add_org,
     claims_for,
+    free_port,
     require,
     run_cli,
     running_demo,
@@ -205,10 +207,59 @@ def test_demo_starts_on_a_fresh_directory_and_its_curl_lines_work(tmp_path) -> N
             if name == "create_session_into_TOKEN":
                 assert len(output.strip()) == 36
                 continue
+            if name == "create_api_key_into_KEY_ID":
+                assert int(output) != info["api_key_id"]
+                continue
             assert json.loads(output)["success"] is True, (name, output)
+        # Pasted in order, the lines revoked and deleted the key they made, not the demo's.
+        still = httpx.post(
+            f"{info['url']}{API}?action=create-session",
+            json={"game_id": 42},
+            headers={"x-api-key": info["api_key"]},
+        )
+        assert still.status_code == 200, still.text
     assert process.returncode in (0, -15)
     guide = (tmp_path / "demo.log").read_text()
     assert "export DP_KEY=" in guide and "dailyplay serve --config" in guide
+
+
+def test_the_demo_game_says_what_to_do_when_its_key_stops_working(tmp_path) -> None:
+    with running_demo(tmp_path) as (_process, info):
+        revoked = httpx.patch(
+            f"{info['url']}{API}",
+            json={"id": info["api_key_id"], "org_id": info["org_id"], "is_active": False},
+            headers={"authorization": f"Bearer {info['bearer_token']}"},
+        )
+        assert revoked.status_code == 200, revoked.text
+        page = httpx.get(info["play_url"], follow_redirects=False)
+    assert page.status_code == 502
+    assert "HTTP 401" in page.text and "no longer works" in page.text
+    assert "start it again" in page.text and "dailyplay demo" in page.text
+
+
+@pytest.mark.parametrize("taken", ["--port", "--game-port"])
+def test_the_demo_checks_both_ports_before_it_makes_anything(tmp_path, taken: str) -> None:
+    port, game_port = free_port(), free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port if taken == "--port" else game_port))
+        holder.listen()
+        result = run_cli(
+            "demo", "--dir", str(tmp_path / "demo"), "--port", str(port),
+            "--game-port", str(game_port), cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"pick another port with {taken}" in result.stderr
+    assert result.stdout == "" and "dpk_" not in result.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+def test_ctrl_c_stops_the_demo_with_exit_status_0(tmp_path) -> None:
+    with running_demo(tmp_path) as (process, _info):
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    log = (tmp_path / "demo.log").read_text()
+    assert "dailyplay demo stopped" in log
+    assert "dailyplay: error" not in log and "interrupted" not in log
 
 
 def test_the_wheel_ships_the_schema_and_runs_from_any_directory(tmp_path) -> None:
