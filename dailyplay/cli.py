@@ -593,7 +593,17 @@ def _port_is_free(host: str, port: int, option: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import prepare_demo
+    from .demo import TOKEN_HOURS, fresh_bearer, prepare_demo
+
+    if args.token:
+        try:
+            token = fresh_bearer(Path(args.dir))
+        except FileNotFoundError:
+            raise CliError(
+                f"no demo in {args.dir}: run `dailyplay demo --dir {args.dir}` first"
+            ) from None
+        emit({"bearer_token": token, "bearer_expires_in_hours": TOKEN_HOURS})
+        return
 
     base = _settings(args, warn=args.no_serve) if args.config else None
     game_port = args.game_port if args.game_port is not None else args.port + 1
@@ -821,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
         "0: no game)",
     )
     demo.add_argument("--no-serve", action="store_true", help="prepare and print, do not serve")
+    demo.add_argument(
+        "--token",
+        action="store_true",
+        help="print a fresh 24-hour bearer token for the admin of the demo in --dir, and exit",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import shlex
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -51,6 +52,23 @@ def _signing_key(directory: Path) -> tuple[Any, Path]:
         )
     )
     return private_key, public_path
+
+
+def _admin_bearer(private_key: Any, now: int) -> str:
+    """A bearer JWT for the demo's admin, valid TOKEN_HOURS."""
+    return jwt.encode(
+        {"sub": DEMO_ADMIN, "iat": now // 1000, "exp": now // 1000 + TOKEN_HOURS * 3600},
+        private_key,
+        algorithm="RS256",
+    )
+
+
+def fresh_bearer(directory: Path) -> str:
+    """A new bearer JWT for the admin of the demo kept in directory; FileNotFoundError if no
+    demo was made there."""
+    private_path = directory / "jwt-private.pem"
+    private_key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+    return _admin_bearer(private_key, now_ms())
 
 
 def _toml_value(value: Any) -> str:
@@ -109,11 +127,7 @@ def prepare_demo(
         per_day=10_000,
     )
     conn.close()
-    bearer = jwt.encode(
-        {"sub": DEMO_ADMIN, "iat": now // 1000, "exp": now // 1000 + TOKEN_HOURS * 3600},
-        private_key,
-        algorithm="RS256",
-    )
+    bearer = _admin_bearer(private_key, now)
     url = f"http://{host}:{port}"
     game = f"http://{host}:{game_port}" if game_port else None
     env = {"DP_URL": f"{url}/api/org-api-keys", "DP_KEY": raw_key, "DP_JWT": bearer}
@@ -138,6 +152,8 @@ def prepare_demo(
         f"  {info['play_url']}",
         "",
     ]
+    # The interpreter's own path: works as written whether or not a venv is on PATH.
+    rerun = f"{shlex.quote(sys.executable)} -m dailyplay demo --dir {shlex.quote(str(directory))}"
     guide = "\n".join(
         [
             "",
@@ -151,8 +167,10 @@ def prepare_demo(
             *[f"  export {name}={shlex.quote(value)}" for name, value in env.items()],
             "",
             *[f"  # {name}\n  {line}\n" for name, line in curl.items()],
-            "Stop with Ctrl-C. Run it again later with:",
-            f"  dailyplay serve --config {shlex.quote(str(config_path))}",
+            "Stop with Ctrl-C. Run it again later (same database and game, a new API key) with:",
+            f"  {rerun}",
+            f"A fresh bearer token (valid {TOKEN_HOURS} h) for the demo's admin:",
+            f"  {rerun} --token",
             "",
         ]
     )

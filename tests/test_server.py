@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from conftest import (
     API,
@@ -220,7 +221,7 @@ def test_demo_starts_on_a_fresh_directory_and_its_curl_lines_work(tmp_path) -> N
         assert still.status_code == 200, still.text
     assert process.returncode in (0, -15)
     guide = (tmp_path / "demo.log").read_text()
-    assert "export DP_KEY=" in guide and "dailyplay serve --config" in guide
+    assert "export DP_KEY=" in guide and "-m dailyplay demo --dir" in guide
 
 
 def test_the_demo_game_says_what_to_do_when_its_key_stops_working(tmp_path) -> None:
@@ -251,6 +252,69 @@ def test_the_demo_checks_both_ports_before_it_makes_anything(tmp_path, taken: st
     assert f"pick another port with {taken}" in result.stderr
     assert result.stdout == "" and "dpk_" not in result.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_runs_again_as_its_guide_says_and_mints_fresh_admin_tokens(tmp_path) -> None:
+    with running_demo(tmp_path) as (_process, first):
+        pass
+    guide = [line.strip() for line in (tmp_path / "demo.log").read_text().splitlines()]
+    rerun = guide[guide.index(
+        "Stop with Ctrl-C. Run it again later (same database and game, a new API key) with:"
+    ) + 1]  # fmt: skip
+    token_line = guide[guide.index("A fresh bearer token (valid 24 h) for the demo's admin:") + 1]
+    assert token_line == f"{rerun} --token"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    env["PATH"] = "/usr/bin:/bin"  # nothing of the project's on PATH: the lines work as written
+
+    # The fresh admin token, pasted as printed from another directory.
+    fresh = subprocess.run(
+        ["bash", "-c", token_line], cwd="/", env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
+    claims = jwt.decode(
+        json.loads(fresh.stdout)["bearer_token"],
+        Path(first["config"]).with_name("jwt-public.pem").read_bytes(),
+        algorithms=["RS256"],
+    )
+    assert claims["sub"] == "user_demo_admin" and claims["exp"] - time.time() > 23 * 3600
+    assert run_cli("demo", "--dir", str(tmp_path / "nowhere"), "--token").returncode == 1
+
+    # The re-run line serves the same organization again, with a new key that works.
+    port, game_port = free_port(), free_port()
+    process = subprocess.Popen(
+        ["bash", "-c", f"exec {rerun} --port {port} --game-port {game_port}"], cwd="/",
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        text = ""
+        again = None
+        while again is None:
+            line = process.stdout.readline().decode()
+            assert line, "the demo exited before printing its summary"
+            text += line
+            with contextlib.suppress(ValueError):
+                again = json.loads(text)
+        assert again["org_id"] == first["org_id"] and again["api_key"] != first["api_key"]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                made = httpx.post(
+                    f"{again['url']}{API}?action=create-session",
+                    json={"game_id": 42},
+                    headers={"x-api-key": again["api_key"]},
+                )
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the demo did not start serving"
+                time.sleep(0.1)
+        assert made.status_code == 200, made.text
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=20)
+        process.stdout.close()
+    assert process.returncode == 0
 
 
 def test_ctrl_c_stops_the_demo_with_exit_status_0(tmp_path) -> None:
