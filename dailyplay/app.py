@@ -108,7 +108,7 @@ class JsonCORSMiddleware(CORSMiddleware):
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
         if response.status_code >= 400:
-            message = response.body.decode("utf-8", "replace") or "CORS preflight refused"
+            message = bytes(response.body).decode("utf-8", "replace") or "CORS preflight refused"
             headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
             headers.pop("content-type", None)
             return error_response(response.status_code, message, headers)

@@ -10,6 +10,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidSubjectError
+from jwt.types import Options
 
 from .config import AuthSettings, ConfigError
 from .db import Database
@@ -106,7 +107,7 @@ class JwtVerifier:
             key, algorithms = await self._jwks_key(header)
         if alg not in algorithms:
             raise ApiError(401, "invalid bearer token: algorithm does not match the signing key")
-        options: dict[str, Any] = {
+        options: Options = {
             "require": ["exp", "sub"],
             "verify_aud": bool(self.settings.audience),
         }

@@ -493,7 +493,8 @@ def start_metrics_listener(settings: config.MetricsSettings, directory: str) -> 
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
+    # prometheus-client leaves this constructor unannotated
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     try:
         server, _thread = start_http_server(settings.port, settings.host, registry=registry)
     except OSError as exc:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 try:
     import httpx
@@ -586,7 +586,8 @@ class _Base:
         self.bearer_token = bearer_token
         self.retries = retries
         self.backoff = backoff
-        self._http: Any = self._http_class(
+        make_http: Any = self._http_class  # transport's type depends on which class it is
+        self._http: Any = make_http(
             base_url=self.base_url,
             timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
             transport=transport,
@@ -667,7 +668,7 @@ class DailyPlayClient(_Base):
                 outcome = exc
             done, value = self._settle(call, outcome, attempt, request_id)
             if done:
-                return value
+                return cast(T, value)
             attempt += 1
             time.sleep(value)
 
@@ -744,7 +745,7 @@ class AsyncDailyPlayClient(_Base):
                 outcome = exc
             done, value = self._settle(call, outcome, attempt, request_id)
             if done:
-                return value
+                return cast(T, value)
             attempt += 1
             await asyncio.sleep(value)
 

@@ -109,7 +109,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                 f"(knows up to {SCHEMA_VERSION}); upgrade dailyplay"
             )
         if version == SCHEMA_VERSION:
-            return version
+            return int(version)
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have migrated while we waited for the lock.
@@ -951,7 +951,7 @@ def create_org(
     now: int,
     by: Actor = CLI,
 ) -> sqlite3.Row:
-    row = conn.execute(
+    row: sqlite3.Row = conn.execute(
         "INSERT INTO orgs (name, tier, external_id, created_at) VALUES (?, ?, ?, ?)"
         " RETURNING id, name, tier, external_id, created_at",
         (name, tier, external_id, now),
@@ -971,17 +971,18 @@ def list_orgs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 def find_org_by_external_id(conn: sqlite3.Connection, external_id: str) -> sqlite3.Row | None:
-    return conn.execute(
+    row: sqlite3.Row | None = conn.execute(
         "SELECT id, name, tier, external_id, created_at FROM orgs WHERE external_id = ?",
         (external_id,),
     ).fetchone()
+    return row
 
 
 def set_org_tier(
     conn: sqlite3.Connection, org_id: int, tier: str, now: int, by: Actor = CLI
 ) -> sqlite3.Row | None:
     before = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
-    row = conn.execute(
+    row: sqlite3.Row | None = conn.execute(
         "UPDATE orgs SET tier = ? WHERE id = ? RETURNING id, name, tier, external_id, created_at",
         (tier, org_id),
     ).fetchone()
@@ -1014,12 +1015,13 @@ def upsert_member(
             "role": {"from": None if before is None else before["role"], "to": role},
         }
         record_audit(conn, now, org_id, by, action, None, changes)
-    return conn.execute(
+    row: sqlite3.Row = conn.execute(
         "INSERT INTO org_members (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role"
         " RETURNING org_id, user_id, role, created_at",
         (org_id, user_id, role, now),
     ).fetchone()
+    return row
 
 
 def delete_member(
@@ -1108,7 +1110,7 @@ def delete_api_key_in(
 def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
     """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry, in the
     caller's transaction."""
-    row = conn.execute(INSERT_API_KEY, values).fetchone()
+    row: sqlite3.Row = conn.execute(INSERT_API_KEY, values).fetchone()
     settings = {
         column: row[column]
         for column in ("name", "description", "allowed_game_ids", "allowed_stream_ids",

@@ -256,7 +256,7 @@ class GameServer(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def mint_token(self) -> str:
         """A fresh token from the API, with the demo's key (what a shop's backend does)."""

@@ -181,7 +181,8 @@ def header(scope: Scope, name: bytes) -> str | None:
     from the scope as Starlette's Headers would, without building a Headers mapping."""
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            text: str = value.decode("latin-1")
+            return text
     return None
 
 

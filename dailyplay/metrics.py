@@ -95,7 +95,8 @@ class Metrics:
                     f"{MULTIPROCESS_ENV} was set after prometheus_client was imported; "
                     "metrics of other worker processes would be missing"
                 )
-            MultiProcessCollector(self.registry, path=directory)
+            # prometheus-client leaves this constructor unannotated
+            MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
             owner = None  # values go to the shared files; the collector reads them all
         self.multiprocess = bool(directory)
 
@@ -157,8 +158,8 @@ class Metrics:
         # Label children are looked up once per label value, not per request.
         self._per_request: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._errors: dict[tuple[str, str], Any] = {}
-        for histogram in (self.commit_seconds, self.commit_writes):
-            if not all(hasattr(histogram, a) for a in ("_upper_bounds", "_sum", "_buckets")):
+        for tallied in (self.commit_seconds, self.commit_writes):
+            if not all(hasattr(tallied, a) for a in ("_upper_bounds", "_sum", "_buckets")):
                 raise RuntimeError(
                     "this prometheus-client's Histogram keeps its values differently; "
                     "dailyplay.metrics.Metrics.flush needs updating for it"
@@ -190,9 +191,9 @@ class Metrics:
         for child, tally in observations.items():
             # The histogram's own values: its sum and its (non-cumulative) bucket counters.
             child._sum.inc(tally[0])
-            for bucket, count in zip(child._buckets, tally[1:], strict=True):
-                if count:
-                    bucket.inc(count)
+            for bucket, in_bucket in zip(child._buckets, tally[1:], strict=True):
+                if in_bucket:
+                    bucket.inc(in_bucket)
 
     def session_created(self) -> None:
         self._inc(self.sessions_created)

@@ -19,7 +19,8 @@ METHODS = ("get", "post", "patch", "put", "delete")
 def shipped_document() -> dict[str, Any]:
     """The document as shipped in the package, before any settings are applied."""
     text = resources.files("dailyplay").joinpath(DOCUMENT_RESOURCE).read_text("utf-8")
-    return json.loads(text)
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 def document_for(settings: Settings) -> dict[str, Any]:

@@ -79,7 +79,8 @@ class WindowCounters(Storage):
     depend on how many keys are active. Used from the event loop's thread only.
     """
 
-    STORAGE_SCHEME: ClassVar[list[str]] = ["dailyplay-memory"]
+    # limits declares this as an instance variable, though it reads it from the class
+    STORAGE_SCHEME: ClassVar[list[str]] = ["dailyplay-memory"]  # type: ignore[misc]
 
     def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str):
         self._counts: dict[str, list[float]] = {}  # key -> [count, expires_at (monotonic)]
