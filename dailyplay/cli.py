@@ -583,14 +583,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _port_is_free(host: str, port: int, option: str) -> None:
     """CliError unless host:port can be listened on now; option names the flag to change."""
-    from .workers import listening_sockets
-
     try:
-        listening_sockets(host, port, 1)[0].close()
-    except OSError as exc:
-        raise CliError(
-            f"cannot listen on {host}:{port}: {exc.strerror}; pick another port with {option}"
-        ) from None
+        listen(host, port, 1)[0].close()
+    except CliError as exc:
+        raise CliError(f"{exc}; pick another port with {option}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

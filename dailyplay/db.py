@@ -1139,25 +1139,18 @@ def list_audit(
     ).fetchall()
 
 
-def _stored_list(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+def json_list(text: str | None) -> list[int] | None:
+    """An allow-list column (JSON array text, or NULL for no list) as a list."""
+    return None if text is None else json.loads(text)
 
 
-def _stored_flag(value: Any) -> Any:
-    return bool(value) if isinstance(value, int) else value
-
-
-def _stored_time(value: Any) -> Any:
-    return iso_from_ms(value) if isinstance(value, int) else value
-
-
-# An API key's columns whose stored form differs from the API's (api.api_key_data): audit
+# An API key's columns whose stored form differs from the API's (keys.api_key_data): audit
 # changes are kept as stored and shown as the API shows the key.
 _API_FORM: dict[str, Callable[[Any], Any]] = {
-    "is_active": _stored_flag,
-    "allowed_game_ids": _stored_list,
-    "allowed_stream_ids": _stored_list,
-    "expires_at": _stored_time,
+    "is_active": bool,
+    "allowed_game_ids": json_list,
+    "allowed_stream_ids": json_list,
+    "expires_at": iso_from_ms,
 }
 
 

@@ -33,7 +33,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from . import inputs
 from .clock import MAX_MS, iso_from_ms, ms_from_iso
-from .db import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key
+from .db import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key, json_list
 from .errors import ApiError
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
@@ -280,11 +280,6 @@ class _BoundedCache:
 
     def discard(self, key: Hashable) -> None:
         self._entries.pop(key, None)
-
-
-def json_list(text: str | None) -> list[int] | None:
-    """An allow-list column (JSON array text, or NULL for no list) as a list."""
-    return None if text is None else json.loads(text)
 
 
 @dataclass(frozen=True)

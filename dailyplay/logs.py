@@ -144,7 +144,7 @@ def encode_line(line: dict[str, Any], log_format: str) -> bytes:
     if log_format == "text":
         extras = " ".join(
             f"{k}={line[k]}"
-            for k in ("org_id", "key_id", "key_prefix", "user_id", "client_ip", "request_id")
+            for k in (*REQUEST_FIELDS, "client_ip", "request_id")
             if line[k] is not None
         )
         return (
@@ -184,10 +184,7 @@ def entry_line(entry: Entry, log_format: str) -> bytes:
             "operation": operation,
             "status": status,
             "latency_ms": round(seconds * 1000, 2),
-            "org_id": noted.get("org_id"),
-            "key_id": noted.get("key_id"),
-            "key_prefix": noted.get("key_prefix"),
-            "user_id": noted.get("user_id"),
+            **{field: noted.get(field) for field in REQUEST_FIELDS},
             "client_ip": client,
         },
         log_format,
