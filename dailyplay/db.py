@@ -420,27 +420,22 @@ WAL_FILE_LIMIT_BYTES = 64 * 1024 * 1024
 class Checkpointer:
     """Copies committed pages from the WAL into the database file on a thread of its own.
 
-    With SQLite's default the connection that commits runs the checkpoint whenever the WAL
-    passes 1,000 pages, inside that COMMIT: about one group commit in 60 took 15-20 ms instead
-    of under 1 ms, and every request in that group waited for it. The writer therefore runs
-    with wal_autocheckpoint off and this thread checkpoints PASSIVE (never blocking readers or
+    No group commit pays for a checkpoint: the writer runs with wal_autocheckpoint off (SQLite's
+    default would run one inside the COMMIT that passes 1,000 pages, 15-20 ms in which every
+    request of that group waits), and this thread checkpoints PASSIVE (never blocking readers or
     the writer) every CHECKPOINT_INTERVAL_SECONDS while there are new commits. A checkpoint that
     cannot finish (a long reader, such as a backup) is retried next time; the WAL is logged if it
     stays large.
 
-    Copying is not enough to keep the WAL short: SQLite starts the log over from its first frame
-    only when a write transaction begins with every frame already copied, and under writes that
-    never pause new frames are always appended while this thread copies. The -wal file then grew
-    without end (about 1 GB a minute under the benchmark's mixed load), and with it the memory
-    each checkpoint takes (an index of every frame), which fragmented this thread's heap. So once
-    a pass has copied a log of WAL_RESTART_FRAMES or more, finish_checkpoint (the writer's) is
-    asked to copy the last few frames between two groups, holding the write lock, and to wait
-    (RESTART_WAIT_MS at most) for readers still on the log's frames; the next write then starts
-    the log over. A reader on an older snapshot blocks that start-over, and the event loops'
-    reads each hold one for a turn of their loop, so a pass under load rarely copies every
-    frame: it asks when at most WAL_RESTART_LAG_FRAMES are left. With a PASSIVE finish, asked
-    for only once a pass had copied everything, the -wal file reached 64-86 MB under the mixed
-    load (28 MB before reads shared a transaction per turn).
+    The -wal file stays short under writes that never pause. SQLite starts the log over from
+    its first frame only when a write transaction begins with every frame already copied, which
+    a writer that keeps appending while this thread copies would rarely allow (the file, and the
+    index of its frames each checkpoint builds, would grow without end). So once a pass has
+    copied a log of WAL_RESTART_FRAMES or more with at most WAL_RESTART_LAG_FRAMES left (the
+    event loops' reads each hold a snapshot for one turn of their loop, so a pass under load
+    rarely copies every frame), finish_checkpoint (the writer's) is asked to copy the rest
+    between two groups, holding the write lock, with a RESTART checkpoint that waits at most
+    RESTART_WAIT_MS for readers to leave the log; the next write then starts the log over.
     """
 
     def __init__(self, settings: DatabaseSettings, finish_checkpoint: Callable[[], None]):

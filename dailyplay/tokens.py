@@ -1,8 +1,8 @@
 """New session tokens: unguessable UUIDs whose first 16 bits follow the clock.
 
 A token is looked up through the UNIQUE index on sessions.token. With fully random tokens each
-insert lands on a random page of that index, so a group commit of n creates rewrote about n
-index pages (4 KiB each) into the WAL, and the checkpointer copied them all again. Tokens made
+insert would land on a random page of that index, so a group commit of n creates would write
+about n index pages (4 KiB each) into the WAL, for the checkpointer to copy again. Tokens made
 within the same sixteenth of a second share their first two bytes here, so they sort next to
 each other and a group's inserts touch one or two index pages.
 
@@ -14,11 +14,10 @@ Layout (16 bytes, RFC 9562 field positions):
 - the other 106 bits from OpenSSL's CSPRNG (`ssl.RAND_bytes`: a DRBG seeded from the operating
   system, reseeded in a forked child; os.urandom where Python was built without OpenSSL)
 
-Why not os.urandom, as uuid.uuid4 uses: its getrandom() call releases the GIL for about half a
-microsecond, and under create-session load the writer thread is nearly always waiting for the
-GIL, so it took it there and the event loop waited 15-18 µs (median, measured in a served
-worker) to get it back, on every create. RAND_bytes keeps the GIL (docs/performance.md,
-"Thirteenth session").
+Why not os.urandom, as uuid.uuid4 uses: its getrandom() call releases the GIL, and under
+create-session load the writer thread is nearly always waiting for the GIL, so it takes it
+there and the event loop waits to get it back (15-18 µs per create in a served worker).
+RAND_bytes keeps the GIL (docs/performance.md, "Design decisions that matter for speed").
 
 106 random bits are far past guessing (OWASP asks at least 64 bits of a session identifier's
 entropy); the clock bits tell a token's holder only the time of day modulo 68 minutes, to
