@@ -1,4 +1,4 @@
-"""DailyPlay benchmark: `python -m bench` (see README, "Benchmark").
+"""DailyPlay benchmark: `python -m bench` (see docs/development.md, "Benchmark").
 
 Runs wrk against a bare Starlette app (the ceiling) and against `dailyplay serve`, side by side,
 with 1 and 2 workers, then against databases already holding many tokens. Prints a table and

@@ -618,12 +618,12 @@ def test_a_consumed_token_reads_as_consumed_at_once_in_every_worker(
 def test_the_readme_schemathesis_line_passes_against_a_live_server(
     settings, tmp_path, admin_headers
 ) -> None:
-    """The documented `schemathesis run` line, verbatim, pointed at a real `dailyplay serve`."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/development.md's `schemathesis run` line, verbatim, against a `dailyplay serve`."""
+    readme = (ROOT / "docs" / "development.md").read_text()
     [line] = [row for row in readme.splitlines() if "schemathesis --config-file" in row]
     org, headers = admin_headers
-    # As the README advises for a staging copy: no per-address limits, so that the thousands
-    # of requests (many with bad credentials) reach the operations instead of 429s.
+    # As docs/development.md advises for a staging copy: no per-address limits, so that the
+    # thousands of requests (many with bad credentials) reach the operations instead of 429s.
     settings = settings.replace("limits", public_per_minute=0, failed_auth_per_minute=0)
     with serve(settings, tmp_path) as server:
         created = httpx.post(
