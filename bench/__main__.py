@@ -30,10 +30,11 @@ from typing import Any
 
 import httpx
 
-from dailyplay import config, db
+from dailyplay import config
 from dailyplay.clock import now_ms
 from dailyplay.demo import write_config
 from dailyplay.keys import issue_api_key
+from dailyplay.storage import sqlite as db
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("create", "validate", "consume", "mixed")

@@ -15,10 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import inputs
+from .audit import audit_entry
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import iso_from_ms, now_ms
 from .config import Settings
-from .db import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database, KeyChanged, audit_entry
 from .deadlines import Deadlines
 from .errors import ApiError
 from .keys import (
@@ -43,6 +43,8 @@ from .ratelimit import (
     rate_limit_headers,
 )
 from .responses import JsonResponse, raw_json
+from .storage.errors import KeyChanged
+from .storage.sqlite import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database
 from .tokens import new_session_token
 
 if TYPE_CHECKING:

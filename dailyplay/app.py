@@ -26,7 +26,6 @@ from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
 from .background import running
 from .clock import now_ms
-from .db import SCHEMA_VERSION, Database, is_busy, is_full
 from .deadlines import Deadlines
 from .errors import ApiError
 from .keys import ApiKeyVerifier, KeyStates
@@ -38,6 +37,7 @@ from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 from .responses import JsonResponse
 from .retention import run_retention
+from .storage.sqlite import SCHEMA_VERSION, Database, is_busy, is_full
 
 log = logging.getLogger("dailyplay")
 

@@ -13,9 +13,9 @@ from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
 from .config import AuthSettings, ConfigError
-from .db import Database
 from .errors import ApiError
 from .jwks import JwksUnavailable, RemoteKeySet
+from .storage.sqlite import Database
 
 # Asymmetric only: `none` and HS* are never accepted, whatever the token header says.
 ALLOWED_ALGORITHMS = ("RS256", "ES256")

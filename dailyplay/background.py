@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from .db import is_busy, is_full
+from .storage.sqlite import is_busy, is_full
 
 
 @contextlib.asynccontextmanager

@@ -21,8 +21,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, config, db
+from . import __version__, config
+from .audit import audit_entry
 from .clock import iso_from_ms, now_ms
+from .storage import sqlite as db
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -234,7 +236,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     if not db.org_exists(conn, args.org):
         raise CliError(f"organization {args.org} not found")
-    emit([db.audit_entry(row) for row in db.list_audit(conn, args.org, args.limit)])
+    emit([audit_entry(row) for row in db.list_audit(conn, args.org, args.limit)])
 
 
 def _cli_actor() -> db.Actor:

@@ -20,9 +20,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import config, db
+from . import config
 from .clock import now_ms
 from .keys import issue_api_key
+from .storage import sqlite as db
 
 DEMO_ORG_EXTERNAL_ID = "org_demo"
 DEMO_ADMIN = "user_demo_admin"

@@ -32,9 +32,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from . import inputs
+from .audit import json_list
 from .clock import MAX_MS, iso_from_ms, ms_from_iso
-from .db import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key, json_list
 from .errors import ApiError
+from .storage.sqlite import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
 PREFIX_LENGTH = 8

@@ -26,8 +26,8 @@ from limits.strategies import FixedWindowRateLimiter
 from .background import log_failed_pass, running
 from .clock import DAY_MS, MINUTE_MS
 from .clock import now_ms as current_ms
-from .db import Database
 from .errors import ApiError
+from .storage.sqlite import Database
 
 log = logging.getLogger("dailyplay.ratelimit")
 

@@ -8,10 +8,10 @@ import asyncio
 import logging
 import sqlite3
 
-from . import db
 from .background import log_failed_pass
 from .clock import DAY_MS, now_ms
-from .db import Database
+from .storage import sqlite as db
+from .storage.sqlite import Database
 
 log = logging.getLogger("dailyplay.retention")
 

@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.applications import Starlette
 
-from dailyplay import config, db
+from dailyplay import config
 from dailyplay.app import create_app
 from dailyplay.clock import now_ms
+from dailyplay.storage import sqlite as db
 
 API = "/api/org-api-keys"
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import API, cli_json, run_cli, running_app, sql
 
-from dailyplay import db
 from dailyplay.cli import build_parser
+from dailyplay.storage import sqlite as db
 
 
 @pytest.fixture

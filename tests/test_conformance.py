@@ -22,10 +22,11 @@ from schemathesis.engine import Status as EngineStatus
 from schemathesis.engine import events as engine_events
 from schemathesis.python import asgi as schemathesis_asgi
 
-from dailyplay import config, db
+from dailyplay import config
 from dailyplay.app import create_app
 from dailyplay.clock import now_ms
 from dailyplay.keys import issue_api_key
+from dailyplay.storage import sqlite as db
 
 FIXED_SEED = 20261128
 

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from conftest import add_a_page, add_org, cap_pages, sql
 
-from dailyplay import config, db
+from dailyplay import config
+from dailyplay.storage import sqlite as db
+from dailyplay.storage.sqlite import engine, schema
 
 NOW = 1_800_000_000_000
 LATER = NOW + 3_600_000
@@ -420,7 +422,7 @@ def test_under_writes_that_never_pause_the_wal_still_starts_over(
     never pauses that moment never came: the -wal file grew by about 1 GB a minute (the
     benchmark's mixed workload) and the checkpointer's memory with it. Past WAL_RESTART_FRAMES
     the writer finishes the checkpoint between two groups, so the next write starts over."""
-    monkeypatch.setattr(db, "WAL_RESTART_FRAMES", 200)
+    monkeypatch.setattr(engine, "WAL_RESTART_FRAMES", 200)
     path = Path(settings.database.path)
     seconds = 4.0
 
@@ -496,8 +498,8 @@ def test_the_checkpointer_asks_for_the_start_over_though_a_turn_s_reader_is_a_fe
     pass nearly never copies every frame. The checkpointer asks the writer to finish (and start
     the log over) when the frames left are that few; a reader far behind (a backup) is left
     alone."""
-    monkeypatch.setattr(db, "WAL_RESTART_FRAMES", 50)
-    monkeypatch.setattr(db, "CHECKPOINT_INTERVAL_SECONDS", 0.05)
+    monkeypatch.setattr(engine, "WAL_RESTART_FRAMES", 50)
+    monkeypatch.setattr(engine, "CHECKPOINT_INTERVAL_SECONDS", 0.05)
     conn = db.connect(settings.database)
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     reader = sqlite3.connect(settings.database.path, isolation_level=None)
@@ -526,8 +528,8 @@ def test_a_wal_grown_behind_a_long_reader_is_cut_back_once_it_can_start_over(
     the -wal file grows meanwhile; once it is gone and the log starts over, the file is cut
     back to WAL_FILE_LIMIT_BYTES instead of keeping its largest size for good."""
     limit = 1024 * 1024
-    monkeypatch.setattr(db, "WAL_RESTART_FRAMES", 200)
-    monkeypatch.setattr(db, "WAL_FILE_LIMIT_BYTES", limit)
+    monkeypatch.setattr(engine, "WAL_RESTART_FRAMES", 200)
+    monkeypatch.setattr(schema, "WAL_FILE_LIMIT_BYTES", limit)
     path = Path(settings.database.path)
 
     async def scenario(database: db.Database, commits: list[str]) -> tuple[int, int, int]:

@@ -9,7 +9,8 @@ import pytest
 from conftest import API, AppClient, add_a_page, assert_error, cap_pages, running_app, sql
 
 import dailyplay
-from dailyplay import config, db
+from dailyplay import config
+from dailyplay.storage import sqlite as db
 
 
 def test_healthz_says_the_process_is_alive(client: AppClient) -> None:

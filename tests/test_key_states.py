@@ -11,8 +11,9 @@ from typing import Any
 
 from conftest import API, World, add_org, assert_error, sql
 
-from dailyplay import config, db
+from dailyplay import config
 from dailyplay.keys import issue_api_key
+from dailyplay.storage import sqlite as db
 
 NOW = 1_800_000_000_000
 

@@ -28,10 +28,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from dailyplay import db
 from dailyplay import metrics as metrics_module
 from dailyplay.clock import now_ms
 from dailyplay.keys import issue_api_key
+from dailyplay.storage import sqlite as db
 
 
 def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

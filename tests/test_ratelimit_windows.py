@@ -14,9 +14,9 @@ from limits import RateLimitItemPerMinute
 from limits.strategies import FixedWindowRateLimiter
 
 from dailyplay import config
-from dailyplay.db import Database
 from dailyplay.errors import ApiError
 from dailyplay.ratelimit import KeyRateLimiter, WindowCounters, _Window
+from dailyplay.storage.sqlite import Database
 
 
 def test_counts_per_key_through_the_limits_strategy() -> None:

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from conftest import add_a_page, add_org, cap_pages, cli_json, run_cli, sql
 
-from dailyplay import config, db
+from dailyplay import config
 from dailyplay.background import log_failed_pass
 from dailyplay.clock import DAY_MS, now_ms
 from dailyplay.retention import cutoff_ms, purge, run_retention
+from dailyplay.storage import sqlite as db
 
 NOW = now_ms()  # the CLI and the server's task use the wall clock
 

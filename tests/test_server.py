@@ -36,7 +36,7 @@ from conftest import (
     write_config,
 )
 
-from dailyplay import db
+from dailyplay.storage import sqlite as db
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

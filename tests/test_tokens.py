@@ -12,7 +12,8 @@ from pathlib import Path
 
 from conftest import add_org
 
-from dailyplay import config, db
+from dailyplay import config
+from dailyplay.storage import sqlite as db
 from dailyplay.tokens import CLOCK_BITS, RANDOM_BITS, clock_prefix, new_session_token
 
 NOW = 1_800_000_000_000  # a tick boundary: divisible by 1000

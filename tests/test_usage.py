@@ -7,8 +7,8 @@ import time
 
 from conftest import API, World, cli_json, sql
 
-from dailyplay import db
 from dailyplay.clock import HOUR_MS, now_ms
+from dailyplay.storage import sqlite as db
 
 
 def listing(world: World) -> dict[int, dict]:

@@ -1,0 +1,69 @@
+"""The SQLite engine: one database file in WAL mode, shared by the worker processes of one host.
+
+- `store.Database`: the server's named async operations. Writes go through group commits on one
+  writer thread (`engine`), ordered across processes by a file lock; reads run on the event loop
+  through a read-only connection; a thread of its own checkpoints the WAL.
+- `admin`: the same data through synchronous operations on a plain connection, for the CLI.
+- `schema`: the schema, its migrations, connections and their PRAGMAs, SQLite's error codes.
+- `statements`: the SQL the server and the CLI share.
+"""
+
+from ..errors import KeyChanged, SchemaError
+from ..types import CLI, Actor
+from .admin import (
+    NO_USAGE,
+    PURGE_BATCH,
+    USAGE_FIELDS,
+    count_finished_sessions,
+    create_org,
+    delete_api_key_in,
+    delete_finished_sessions,
+    delete_member,
+    find_org_by_external_id,
+    insert_api_key,
+    insert_sessions,
+    key_usage,
+    list_api_keys,
+    list_audit,
+    list_members,
+    list_orgs,
+    org_exists,
+    org_tier,
+    set_org_tier,
+    update_api_key_in,
+    upsert_member,
+)
+from .engine import MAX_GROUP, Checkpointer, WriterLock, WriterThread
+from .schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    _statements,
+    checkpoint,
+    connect,
+    is_busy,
+    is_full,
+    migrate,
+    schema_text,
+    transaction,
+)
+from .statements import (
+    API_KEY_COLUMNS,
+    GET_SESSION,
+    KEY_STATE,
+    MUTABLE_KEY_COLUMNS,
+    SESSION_COLUMNS,
+    record_audit,
+)
+from .store import Database
+
+__all__ = [
+    "API_KEY_COLUMNS", "CLI", "GET_SESSION", "KEY_STATE", "MAX_GROUP", "MIGRATIONS",
+    "MUTABLE_KEY_COLUMNS", "NO_USAGE", "PURGE_BATCH", "SCHEMA_VERSION", "SESSION_COLUMNS",
+    "USAGE_FIELDS", "Actor", "Checkpointer", "Database", "KeyChanged", "SchemaError",
+    "WriterLock", "WriterThread", "_statements", "checkpoint", "connect",
+    "count_finished_sessions", "create_org", "delete_api_key_in", "delete_finished_sessions",
+    "delete_member", "find_org_by_external_id", "insert_api_key", "insert_sessions", "is_busy",
+    "is_full", "key_usage", "list_api_keys", "list_audit", "list_members", "list_orgs",
+    "migrate", "org_exists", "org_tier", "record_audit", "schema_text", "set_org_tier",
+    "transaction", "update_api_key_in", "upsert_member",
+]  # fmt: skip

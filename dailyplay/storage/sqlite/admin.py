@@ -1,0 +1,281 @@
+"""SQLite: synchronous operations on a connection, for the CLI and maintenance."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from ...clock import HOUR_MS
+from ..types import CLI, Actor
+from .statements import (
+    API_KEY_COLUMNS,
+    AUDIT_COLUMNS,
+    INSERT_API_KEY,
+    INSERT_SESSION,
+    MUTABLE_KEY_COLUMNS,
+    REVOKE_KEY_SESSIONS,
+    record_audit,
+)
+
+# Tokens deleted per transaction by retention.
+PURGE_BATCH = 500
+
+
+def create_org(
+    conn: sqlite3.Connection,
+    name: str,
+    tier: str,
+    external_id: str | None,
+    now: int,
+    by: Actor = CLI,
+) -> sqlite3.Row:
+    row: sqlite3.Row = conn.execute(
+        "INSERT INTO orgs (name, tier, external_id, created_at) VALUES (?, ?, ?, ?)"
+        " RETURNING id, name, tier, external_id, created_at",
+        (name, tier, external_id, now),
+    ).fetchone()
+    changes = {k: {"from": None, "to": row[k]} for k in ("name", "tier", "external_id")}
+    record_audit(conn, now, row["id"], by, "org.create", None, changes)
+    return row
+
+
+def list_orgs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT o.id, o.name, o.tier, o.external_id, o.created_at,"
+        " (SELECT count(*) FROM org_members m WHERE m.org_id = o.id) AS members,"
+        " (SELECT count(*) FROM api_keys k WHERE k.org_id = o.id) AS api_keys"
+        " FROM orgs o ORDER BY o.id"
+    ).fetchall()
+
+
+def find_org_by_external_id(conn: sqlite3.Connection, external_id: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT id, name, tier, external_id, created_at FROM orgs WHERE external_id = ?",
+        (external_id,),
+    ).fetchone()
+    return row
+
+
+def set_org_tier(
+    conn: sqlite3.Connection, org_id: int, tier: str, now: int, by: Actor = CLI
+) -> sqlite3.Row | None:
+    before = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
+    row: sqlite3.Row | None = conn.execute(
+        "UPDATE orgs SET tier = ? WHERE id = ? RETURNING id, name, tier, external_id, created_at",
+        (tier, org_id),
+    ).fetchone()
+    if row is not None and before["tier"] != tier:
+        changes = {"tier": {"from": before["tier"], "to": tier}}
+        record_audit(conn, now, org_id, by, "org.tier_change", None, changes)
+    return row
+
+
+def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
+    return conn.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,)).fetchone() is not None
+
+
+def org_tier(conn: sqlite3.Connection, org_id: int) -> str | None:
+    """The org's tier, or None if there is no such org."""
+    row = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def upsert_member(
+    conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int, by: Actor = CLI
+) -> sqlite3.Row:
+    before = conn.execute(
+        "SELECT role FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+    ).fetchone()
+    if before is None or before["role"] != role:
+        action = "member.add" if before is None else "member.role_change"
+        changes = {
+            "user_id": {"from": None if before is None else user_id, "to": user_id},
+            "role": {"from": None if before is None else before["role"], "to": role},
+        }
+        record_audit(conn, now, org_id, by, action, None, changes)
+    row: sqlite3.Row = conn.execute(
+        "INSERT INTO org_members (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role"
+        " RETURNING org_id, user_id, role, created_at",
+        (org_id, user_id, role, now),
+    ).fetchone()
+    return row
+
+
+def delete_member(
+    conn: sqlite3.Connection, org_id: int, user_id: str, now: int, by: Actor = CLI
+) -> bool:
+    cursor = conn.execute(
+        "DELETE FROM org_members WHERE org_id = ? AND user_id = ? RETURNING role",
+        (org_id, user_id),
+    )
+    removed = cursor.fetchone()
+    if removed is not None:
+        changes = {
+            "user_id": {"from": user_id, "to": None},
+            "role": {"from": removed["role"], "to": None},
+        }
+        record_audit(conn, now, org_id, by, "member.remove", None, changes)
+    return removed is not None
+
+
+def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT org_id, user_id, role, created_at FROM org_members WHERE org_id = ?"
+        " ORDER BY user_id",
+        (org_id,),
+    ).fetchall()
+
+
+def update_api_key_in(
+    conn: sqlite3.Connection,
+    org_id: int,
+    key_id: int,
+    changes: dict[str, Any],
+    now: int,
+    by: Actor,
+) -> tuple[sqlite3.Row | None, int]:
+    """Apply changes to a key of org_id, with its audit entry, in the caller's transaction;
+    deactivating revokes its live tokens at once. Returns (the updated row, or None when the
+    key is not in the org; tokens revoked)."""
+    unknown = set(changes) - MUTABLE_KEY_COLUMNS
+    if unknown:
+        raise ValueError(f"not a mutable API key column: {sorted(unknown)}")
+    before = conn.execute(
+        f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
+    ).fetchone()
+    if before is None:
+        return None, 0
+    assignments = ", ".join(f"{column} = ?" for column in changes)
+    # The row was just read in this transaction, so the UPDATE finds it.
+    row = conn.execute(
+        f"UPDATE api_keys SET {assignments}, updated_at = ?"
+        f" WHERE id = ? AND org_id = ? RETURNING {API_KEY_COLUMNS}",
+        (*changes.values(), now, key_id, org_id),
+    ).fetchone()
+    revoked = 0
+    if changes.get("is_active") == 0:
+        revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
+    diff = {
+        column: {"from": before[column], "to": value}
+        for column, value in changes.items()
+        if before[column] != value
+    }
+    action = "api_key.update"
+    if "is_active" in diff:
+        action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
+    record_audit(conn, now, org_id, by, action, key_id, diff)
+    return row, revoked
+
+
+def delete_api_key_in(
+    conn: sqlite3.Connection, org_id: int, key_id: int, now: int, by: Actor
+) -> int | None:
+    """Revoke a key's live tokens and delete it, with its audit entry, in the caller's
+    transaction; the tokens revoked, or None if the key is not in the org."""
+    found = conn.execute(
+        "SELECT 1 FROM api_keys WHERE id = ? AND org_id = ?", (key_id, org_id)
+    ).fetchone()
+    if found is None:
+        return None
+    revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
+    conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+    conn.execute("DELETE FROM key_usage WHERE api_key_id = ?", (key_id,))
+    record_audit(conn, now, org_id, by, "api_key.delete", key_id, None)
+    return int(revoked)
+
+
+def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
+    """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry, in the
+    caller's transaction."""
+    row: sqlite3.Row = conn.execute(INSERT_API_KEY, values).fetchone()
+    settings = {
+        column: row[column]
+        for column in ("name", "description", "allowed_game_ids", "allowed_stream_ids",
+                       "rate_limit_per_minute", "rate_limit_per_day", "expires_at")
+    }  # fmt: skip
+    changes = {column: {"from": None, "to": value} for column, value in settings.items()}
+    record_audit(conn, row["created_at"], row["org_id"], by, "api_key.create", row["id"], changes)
+    return row
+
+
+def list_api_keys(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
+    """An org's keys (never their hashes), oldest first."""
+    return conn.execute(
+        f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
+    ).fetchall()
+
+
+def list_audit(
+    conn: sqlite3.Connection, org_id: int, limit: int, before_id: int | None = None
+) -> list[sqlite3.Row]:
+    """An org's audit entries, newest first, with ids below before_id when given."""
+    return conn.execute(
+        f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? AND id < ?"
+        " ORDER BY id DESC LIMIT ?",
+        (org_id, before_id if before_id is not None else 2**63 - 1, limit),
+    ).fetchall()
+
+
+# What key_usage reports per key, in the order its query selects them.
+USAGE_FIELDS = (
+    "sessions_created_24h",
+    "sessions_consumed_24h",
+    "sessions_created_30d",
+    "sessions_consumed_30d",
+)
+NO_USAGE = dict.fromkeys(USAGE_FIELDS, 0)
+
+
+def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict[str, int]]:
+    """Sessions created and consumed per key of org_id in the last 24 hours and 30 days (by
+    the hour: the current hour and the 23 or 719 before it)."""
+    hour = now // HOUR_MS
+    rows = conn.execute(
+        "SELECT api_key_id,"
+        " coalesce(sum(created) FILTER (WHERE hour > ?), 0),"
+        " coalesce(sum(consumed) FILTER (WHERE hour > ?), 0),"
+        " coalesce(sum(created), 0), coalesce(sum(consumed), 0)"
+        " FROM key_usage WHERE hour > ?"
+        " AND api_key_id IN (SELECT id FROM api_keys WHERE org_id = ?) GROUP BY api_key_id",
+        (hour - 24, hour - 24, hour - 30 * 24, org_id),
+    ).fetchall()
+    return {int(row[0]): dict(zip(USAGE_FIELDS, row[1:], strict=True)) for row in rows}
+
+
+# A token has finished when it expired, was consumed or was revoked; each way has its own
+# indexed time column, so every batch is a range scan, however large the table.
+_FINISHED_BEFORE = (
+    "expires_at < ?",
+    "status = 'consumed' AND consumed_at < ?",
+    "status = 'revoked' AND revoked_at < ?",
+)
+
+
+def delete_finished_sessions(conn: sqlite3.Connection, cutoff: int, batch: int) -> int:
+    """Delete up to `batch` tokens that finished before cutoff (in the caller's transaction)."""
+    deleted = 0
+    for condition in _FINISHED_BEFORE:
+        deleted += conn.execute(
+            f"DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE {condition} LIMIT ?)",
+            (cutoff, batch - deleted),
+        ).rowcount
+        if deleted >= batch:
+            break
+    return deleted
+
+
+def count_finished_sessions(conn: sqlite3.Connection, cutoff: int) -> int:
+    """How many tokens finished before cutoff (what a purge would delete)."""
+    row = conn.execute(
+        "SELECT count(*) FROM sessions WHERE " + " OR ".join(f"({c})" for c in _FINISHED_BEFORE),
+        (cutoff, cutoff, cutoff),
+    ).fetchone()
+    return int(row[0])
+
+
+def insert_sessions(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Insert many tokens in the caller's transaction (the benchmark's seeding), in
+    insert_session's column order."""
+    conn.executemany(INSERT_SESSION, rows)
