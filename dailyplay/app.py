@@ -7,7 +7,6 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -37,7 +36,8 @@ from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 from .responses import JsonResponse
 from .retention import run_retention
-from .storage.sqlite import SCHEMA_VERSION, Database, is_busy, is_full
+from .storage.errors import StorageBusy, StorageError, StorageFull
+from .storage.sqlite import SCHEMA_VERSION, Database
 
 log = logging.getLogger("dailyplay")
 
@@ -72,19 +72,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 FULL_RETRY_AFTER_SECONDS = 60
 
 
+# How long a client is asked to wait when the database cannot be reached or written.
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5
+
+
 async def _database_error(request: Request, exc: Exception) -> Response:
     # Another process held the write lock past database.busy_timeout_ms: the client may retry.
-    if is_busy(exc):
+    if isinstance(exc, StorageBusy):
         log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
         request.app.state.services.metrics.busy_errors.inc()
         return error_response(
             503, "the database is busy; try again shortly", headers={"Retry-After": "1"}
         )
+    services = request.app.state.services
     # The disk (or the file system's quota) is full: nothing can be written until an operator
     # frees space. Reads go on. Not a fault in this program: one line, no traceback.
-    # (The writer thread has told the database, for /readyz.)
-    if is_full(exc):
-        services = request.app.state.services
+    # (The storage has noted it, for /readyz.)
+    if isinstance(exc, StorageFull):
         log.error(
             "database or disk is full: %s %s refused; free space on the disk of %s",
             request.method, request.url.path, services.settings.database.path,
@@ -94,7 +98,13 @@ async def _database_error(request: Request, exc: Exception) -> Response:
             "the server's storage is full, so nothing can be stored; try again later",
             headers={"Retry-After": str(FULL_RETRY_AFTER_SECONDS)},
         )
-    return await _server_error(request, exc)
+    # Read-only, an I/O error, a database server out of reach: nothing was stored; one line.
+    log.error("database unavailable: %s %s refused: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "the database is unavailable, so nothing was done; try again shortly",
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)},
+    )
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -158,7 +168,7 @@ class ConcurrencyLimit:
 ERROR_HANDLERS = {
     ApiError: _api_error,
     HTTPException: _http_error,
-    sqlite3.OperationalError: _database_error,
+    StorageError: _database_error,
 }
 
 
@@ -283,7 +293,7 @@ def health_routes() -> list[Route]:
         db: Database = request.app.state.services.db
         try:
             version = db.schema_version()
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             return _not_ready(f"database cannot be read: {exc}")
         if version != SCHEMA_VERSION:
             return _not_ready(
@@ -294,7 +304,7 @@ def health_routes() -> list[Route]:
                 await db.probe_write(now_ms())
         except TimeoutError:
             return _not_ready(f"a database write took longer than {READY_TIMEOUT_SECONDS:g} s")
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             return _not_ready(f"database cannot be written: {exc}")
         # The probe rewrites a row in place, which a full disk still allows: a write refused
         # for want of space a moment ago says more.

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from .storage.sqlite import is_busy, is_full
+from .storage.errors import StorageBusy, StorageFull
 
 
 @contextlib.asynccontextmanager
@@ -27,9 +27,9 @@ async def running(coroutine: Coroutine[Any, Any, Any]) -> AsyncIterator[None]:
 def log_failed_pass(logger: logging.Logger, what: str, exc: Exception) -> None:
     """A background pass failed and will run again. A full disk or a busy database is the
     operator's matter, not a fault here: one line, without a traceback."""
-    if is_full(exc):
+    if isinstance(exc, StorageFull):
         logger.error("%s refused: the database or disk is full; will retry", what)
-    elif is_busy(exc):
+    elif isinstance(exc, StorageBusy):
         logger.warning("%s: the database is busy; will retry", what)
     else:
         logger.error("%s failed; will retry", what, exc_info=exc)

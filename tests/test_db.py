@@ -18,6 +18,7 @@ from conftest import add_a_page, add_org, cap_pages, sql
 
 from dailyplay import config
 from dailyplay.storage import sqlite as db
+from dailyplay.storage.errors import StorageBusy, StorageFull
 from dailyplay.storage.sqlite import engine, schema
 
 NOW = 1_800_000_000_000
@@ -215,9 +216,9 @@ def test_a_write_refused_for_want_of_space_is_noted_whoever_asked_for_it(
             await database.insert_session(session_values(org, taken))
         assert database.seconds_since_full() is None
         # A background task's write: a new table needs a page the file may not have.
-        with pytest.raises(sqlite3.OperationalError) as refused:
+        with pytest.raises(StorageFull) as refused:
             await database.run_on_writer(add_a_page)
-        assert db.is_full(refused.value) and not db.is_busy(refused.value)
+        assert db.is_full(refused.value.__cause__) and not db.is_busy(refused.value.__cause__)
         since = database.seconds_since_full()
         assert since is not None and 0 <= since < 5
         database._full_at = None
@@ -232,7 +233,7 @@ def test_a_write_refused_for_want_of_space_is_noted_whoever_asked_for_it(
 
     outcomes = run(settings, scenario)
     refused = [o for o in outcomes if o is not None]
-    assert refused and all(db.is_full(o) for o in refused)
+    assert refused and all(isinstance(o, StorageFull) for o in refused)
     stored = sql(settings, "SELECT count(*) FROM sessions")[0][0]
     assert stored == 1 + outcomes.count(None)
     assert sql(settings, "SELECT count(*) FROM sqlite_schema WHERE name = 'filler'") == [(0,)]
@@ -256,7 +257,7 @@ def test_a_locked_database_fails_every_write_of_the_group_and_stores_nothing(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert all(isinstance(o, sqlite3.OperationalError) and "locked" in str(o) for o in outcomes)
+    assert all(isinstance(o, StorageBusy) and "locked" in str(o) for o in outcomes)
     assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
 
 

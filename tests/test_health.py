@@ -11,6 +11,7 @@ from conftest import API, AppClient, add_a_page, assert_error, cap_pages, runnin
 import dailyplay
 from dailyplay import config
 from dailyplay.storage import sqlite as db
+from dailyplay.storage.errors import StorageFull
 
 
 def test_healthz_says_the_process_is_alive(client: AppClient) -> None:
@@ -104,9 +105,9 @@ def test_readyz_is_503_after_a_background_write_was_refused_for_want_of_space(
             cap_pages(conn)
             add_a_page(conn)
 
-        with pytest.raises(sqlite3.OperationalError) as refused:
+        with pytest.raises(StorageFull) as refused:
             client.portal.call(database.run_on_writer, fill)
-        assert db.is_full(refused.value)
+        assert db.is_full(refused.value.__cause__)
         assert_error(client.get("/readyz"), 503, "not ready: the disk is full")
         assert client.get("/healthz").status_code == 200
 

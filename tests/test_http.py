@@ -324,3 +324,25 @@ def test_an_unexpected_error_is_a_json_500_with_the_request_id_logged_once(
     assert errors[0].exc_info is not None and "disk on fire" in str(errors[0].exc_info[1])
     # The process goes on answering.
     assert world.client.get("/healthz").status_code == 200
+
+
+def test_a_database_that_refuses_writes_is_a_503_with_retry_after_and_nothing_stored(
+    world: World, api_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write the database cannot take (here a read-only file; on another engine, a server out
+    of reach) is the storage layer's StorageUnavailable: 503 with Retry-After and one log line
+    without a traceback, not a 500; reads go on."""
+    token = world.token(api_key)
+    db = world.client.app.state.services.db
+    before = sql(world.settings, "SELECT count(*) FROM sessions")
+    world.client.portal.call(db.run_on_writer, lambda conn: conn.execute("PRAGMA query_only = ON"))
+    with caplog.at_level(logging.ERROR, logger="dailyplay"):
+        response = world.create_session(api_key)
+    assert_error(response, 503, "the database is unavailable, so nothing was done")
+    assert response.headers["retry-after"] == "5"
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    assert "readonly" in errors[0].getMessage()
+    assert sql(world.settings, "SELECT count(*) FROM sessions") == before
+    validated = world.client.get(f"{API}?action=validate-session&token={token}")
+    assert validated.status_code == 200, validated.text

@@ -20,6 +20,7 @@ from dailyplay.background import log_failed_pass
 from dailyplay.clock import DAY_MS, now_ms
 from dailyplay.retention import cutoff_ms, purge, run_retention
 from dailyplay.storage import sqlite as db
+from dailyplay.storage.sqlite import schema
 
 NOW = now_ms()  # the CLI and the server's task use the wall clock
 
@@ -172,7 +173,7 @@ def test_a_background_pass_logs_a_full_disk_in_one_line_and_a_fault_with_its_tra
         conn.close()
     log = logging.getLogger("dailyplay.test")
     with caplog.at_level(logging.INFO, logger="dailyplay"):
-        log_failed_pass(log, "storing API key usage", full.value)
+        log_failed_pass(log, "storing API key usage", schema.translated(full.value))
         log_failed_pass(log, "storing API key usage", RuntimeError("a bug"))
     refused, fault = caplog.records
     assert refused.levelno == logging.ERROR and refused.exc_info is None

@@ -1,4 +1,9 @@
-"""The storage layer's own exceptions: what callers above it catch, whatever the engine."""
+"""The storage layer's own exceptions: what callers above it catch, whatever the engine.
+
+An engine translates its driver's errors into these at its boundary, so the HTTP layer, the
+background tasks and the CLI never see a driver's exception for a condition they handle. An
+error that is none of these (a bug, a corrupt file) stays the driver's and is a 500.
+"""
 
 from __future__ import annotations
 
@@ -9,3 +14,21 @@ class KeyChanged(Exception):
 
 class SchemaError(RuntimeError):
     """The database file's schema is newer than this program, or cannot be migrated."""
+
+
+class StorageError(Exception):
+    """The storage could not do what was asked, for now; a write was not stored. The message is
+    the engine's own description, for logs."""
+
+
+class StorageBusy(StorageError):
+    """Another process held the write lock past the configured wait: retry shortly."""
+
+
+class StorageFull(StorageError):
+    """A write was refused for want of space (the disk, a quota, the file's page limit): it can
+    succeed once an operator frees space."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be read or written right now (read-only, I/O error, unreachable)."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
 from ..errors import KeyChanged
-from .schema import _open, checkpoint, checkpoint_to_start_over, is_full
+from .schema import _open, checkpoint, checkpoint_to_start_over, is_full, translated
 from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW
 
 T = TypeVar("T")
@@ -379,7 +379,7 @@ def _set_outcomes(
         if succeeded:
             item.future.set_result(value)
         else:
-            item.future.set_exception(value)
+            item.future.set_exception(translated(value))
 
 
 # Same-kind hot writes of one group share a statement; a statement binds at most this many rows.

@@ -8,10 +8,10 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from ...config import DatabaseSettings
-from ..errors import SchemaError
+from ..errors import SchemaError, StorageBusy, StorageError, StorageFull, StorageUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger("dailyplay.db")
@@ -143,6 +143,43 @@ def is_full(exc: BaseException) -> bool:
     """exc is SQLite refusing a write for want of space (SQLITE_FULL): the disk or its quota
     is full, or the file reached its page limit."""
     return _primary_code(exc) == sqlite3.SQLITE_FULL
+
+
+# SQLite's result codes for a file that cannot be read or written now, rather than a fault in
+# the program or the file's contents.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+
+def translated(exc: BaseException) -> BaseException:
+    """exc as the storage layer's own exception when it is one of the conditions callers
+    handle (busy, full, unavailable); any other exception as it is."""
+    if not isinstance(exc, sqlite3.Error) or isinstance(exc, sqlite3.IntegrityError):
+        return exc
+    code = _primary_code(exc)
+    kind: type[StorageError] | None = None
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        kind = StorageBusy
+    elif code == sqlite3.SQLITE_FULL:
+        kind = StorageFull
+    elif code in _UNAVAILABLE_CODES:
+        kind = StorageUnavailable
+    if kind is None:
+        return exc
+    error = kind(str(exc))
+    error.__cause__ = exc
+    return error
+
+
+def reraise(exc: sqlite3.Error) -> NoReturn:
+    """Raise exc, translated (from inside the except clause that caught it)."""
+    raise translated(exc)
 
 
 def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> tuple[int, int, int]:

@@ -30,7 +30,7 @@ from .engine import (
     _checkpoint_and_close,
     _Write,
 )
-from .schema import _open, connect
+from .schema import _open, connect, reraise
 from .statements import GET_SESSION, KEY_STATE
 
 T = TypeVar("T")
@@ -188,18 +188,32 @@ class Database:
 
     # Reads run on the event loop (see READER_BUSY_TIMEOUT_MS), and plainly: a coroutine here
     # would be one more frame for every read to create and resume, validate-session's included.
+    # SQLite's errors leave as the storage layer's (schema.translated).
     def _read_one(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.reader.execute(sql, tuple(params)).fetchone()
+        try:
+            row: sqlite3.Row | None = self.reader.execute(sql, tuple(params)).fetchone()
+        except sqlite3.Error as exc:
+            reraise(exc)
         return row
 
     def _read_all(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
-        return self.reader.execute(sql, tuple(params)).fetchall()
+        try:
+            return self.reader.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            reraise(exc)
+
+    def _read_with(self, read: Callable[..., T], *args: Any) -> T:
+        """read(the read connection, *args), its SQLite errors translated."""
+        try:
+            return read(self.reader, *args)
+        except sqlite3.Error as exc:
+            reraise(exc)
 
     # --- health ----------------------------------------------------------------------------------
 
     def schema_version(self) -> int:
         """PRAGMA user_version as the read connection sees it."""
-        return int(self.reader.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._read_with(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0]))
 
     def note_full(self) -> None:
         """A write was refused because the disk (or the file's page limit) is full. The writer
@@ -221,7 +235,7 @@ class Database:
 
     async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[sqlite3.Row]:
         """An org's audit entries, newest first, with ids below before_id when given."""
-        return list_audit(self.reader, org_id, limit, before_id)
+        return self._read_with(list_audit, org_id, limit, before_id)
 
     # --- retention -------------------------------------------------------------------------------
 
@@ -253,11 +267,11 @@ class Database:
     # --- API keys ------------------------------------------------------------------------------
 
     async def list_api_keys(self, org_id: int) -> list[sqlite3.Row]:
-        return list_api_keys(self.reader, org_id)
+        return self._read_with(list_api_keys, org_id)
 
     async def key_usage(self, org_id: int, now: int) -> dict[int, dict[str, int]]:
         """Per key of the org: sessions created/consumed in the last 24 h and 30 days."""
-        return key_usage(self.reader, org_id, now)
+        return self._read_with(key_usage, org_id, now)
 
     async def insert_api_key(self, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
         """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry."""
