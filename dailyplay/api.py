@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from .deadlines import Deadlines
 from .errors import ApiError
 from .keys import (
     ApiKeyVerifier,
-    KeyState,
     KeyStates,
     api_key_data,
     generate_api_key,
@@ -45,6 +43,7 @@ from .ratelimit import (
 from .responses import JsonResponse, raw_json
 from .storage.errors import KeyChanged
 from .storage.sqlite import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database
+from .storage.types import KeyState, NewSession, Session
 from .tokens import new_session_token
 
 if TYPE_CHECKING:
@@ -196,8 +195,7 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
 
 
 async def _read_key_state(services: Services, key_id: int) -> KeyState | None:
-    row = await services.db.get_api_key_for_request(key_id)
-    state = None if row is None else KeyState.from_row(row)
+    state = await services.db.get_api_key_for_request(key_id)
     services.key_states.remember(key_id, state)
     return state
 
@@ -303,7 +301,7 @@ async def _insert_session(
             _check_allowed(fields.stream_id, key.state.allowed_stream_ids, "stream")
             token = new_session_token(now)
             await services.db.insert_session(
-                (
+                NewSession(
                     token.bytes,
                     key.org_id,
                     key.key_id,
@@ -314,7 +312,7 @@ async def _insert_session(
                     now,
                     expires_at,
                 ),
-                key.state.row,
+                key.state,
             )
             return token, key
         except ApiError:
@@ -367,9 +365,9 @@ def _check_allowed(value: int | None, allowed: list[int] | None, what: str) -> N
         )
 
 
-def _session_status(row: sqlite3.Row, now: int) -> str:
-    status = str(row["status"])
-    if status == "active" and row["expires_at"] <= now:
+def _session_status(session: Session, now: int) -> str:
+    status = session.status
+    if status == "active" and session.expires_at <= now:
         return "expired"
     return status
 
@@ -390,18 +388,18 @@ async def validate_session(
     row = await services.db.get_session(token)
     if row is None:
         raise ApiError(404, "session token not found", kind="not_found")
-    note(request.scope, org_id=row["org_id"])
+    note(request.scope, org_id=row.org_id)
     status = _session_status(row, now)
     services.metrics.observe_validation(status)
     return ok(
         {
             "valid": status == "active",
             "status": status,
-            "game_id": row["game_id"],
-            "stream_id": row["stream_id"],
-            "expires_at": iso_from_ms(row["expires_at"]),
-            "external_ref": row["external_ref"],
-            "metadata": _metadata(row["metadata"]),
+            "game_id": row.game_id,
+            "stream_id": row.stream_id,
+            "expires_at": iso_from_ms(row.expires_at),
+            "external_ref": row.external_ref,
+            "metadata": _metadata(row.metadata),
         }
     )
 
@@ -425,21 +423,21 @@ async def consume_session(services: Services, request: Request, params: dict[str
         current = await services.db.get_session(token)
         if current is None:
             raise ApiError(404, "session token not found", kind="not_found")
-        note(request.scope, org_id=current["org_id"])
+        note(request.scope, org_id=current.org_id)
         status = _session_status(current, now)
         # An active row here expired between the two statements: report it as expired.
         status = status if status in GONE_MESSAGES else "expired"
         raise ApiError(410, GONE_MESSAGES[status], kind=status)
-    note(request.scope, org_id=row["org_id"])
+    note(request.scope, org_id=row.org_id)
     services.metrics.session_consumed()
     return ok(
         {
-            "session_id": row["id"],
-            "org_id": row["org_id"],
-            "stream_id": row["stream_id"],
-            "game_id": row["game_id"],
-            "external_ref": row["external_ref"],
-            "metadata": _metadata(row["metadata"]),
+            "session_id": row.id,
+            "org_id": row.org_id,
+            "stream_id": row.stream_id,
+            "game_id": row.game_id,
+            "external_ref": row.external_ref,
+            "metadata": _metadata(row.metadata),
         }
     )
 

@@ -36,6 +36,7 @@ from .audit import json_list
 from .clock import MAX_MS, iso_from_ms, ms_from_iso
 from .errors import ApiError
 from .storage.sqlite import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key
+from .storage.types import KeyState
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
 PREFIX_LENGTH = 8
@@ -281,39 +282,6 @@ class _BoundedCache:
 
     def discard(self, key: Hashable) -> None:
         self._entries.pop(key, None)
-
-
-@dataclass(frozen=True)
-class KeyState:
-    """One reading of a key's row and its org's tier (db.KEY_STATE), parsed."""
-
-    row: tuple[Any, ...]  # as read, to be compared with the row inside the inserting transaction
-    key_id: int
-    org_id: int
-    key_hash: str
-    is_active: bool
-    allowed_game_ids: list[int] | None
-    allowed_stream_ids: list[int] | None
-    rate_limit_per_minute: int
-    rate_limit_per_day: int
-    expires_at: int | None
-    tier: str
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> KeyState:
-        return cls(
-            row=tuple(row),
-            key_id=row["id"],
-            org_id=row["org_id"],
-            key_hash=row["key_hash"],
-            is_active=bool(row["is_active"]),
-            allowed_game_ids=json_list(row["allowed_game_ids"]),
-            allowed_stream_ids=json_list(row["allowed_stream_ids"]),
-            rate_limit_per_minute=row["rate_limit_per_minute"],
-            rate_limit_per_day=row["rate_limit_per_day"],
-            expires_at=row["expires_at"],
-            tier=row["tier"],
-        )
 
 
 class KeyStates:

@@ -20,6 +20,7 @@ from dailyplay import config
 from dailyplay.storage import sqlite as db
 from dailyplay.storage.errors import StorageBusy, StorageFull
 from dailyplay.storage.sqlite import engine, schema
+from dailyplay.storage.types import NewSession
 
 NOW = 1_800_000_000_000
 LATER = NOW + 3_600_000
@@ -45,8 +46,10 @@ def run(settings: config.Settings, scenario: Any) -> Any:
     return asyncio.run(main())
 
 
-def session_values(org: int, token: bytes, expires_at: int = LATER) -> tuple[Any, ...]:
-    return (token, org, None, 1, None, None, None, NOW, expires_at)
+def session_values(org: int, token: bytes, expires_at: int = LATER) -> NewSession:
+    """A token of org made by no key (the storage takes those too: a key's deletion leaves
+    its tokens without one)."""
+    return NewSession(token, org, None, 1, None, None, None, NOW, expires_at)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -91,7 +94,7 @@ def test_a_token_asked_for_many_times_in_one_group_is_won_once(
     rows = run(settings, scenario)
     contested_rows = rows[:20]
     assert [row is not None for row in contested_rows] == [True] + [False] * 19
-    assert rows[20] is not None and rows[20]["status"] == "consumed"
+    assert rows[20] is not None and rows[20].status == "consumed"
     assert rows[21] is None and rows[22] is None
     stored = dict(
         (token, (status, player, consumed_at))
@@ -115,11 +118,11 @@ def test_reads_share_a_transaction_for_one_turn_of_the_loop_and_then_see_every_c
     run(settings, lambda d, _c: d.insert_session(session_values(org, token)))
 
     async def scenario(database: db.Database, commits: list[str]) -> list[Any]:
-        seen = [(await database.get_session(token))["status"]]
+        seen = [(await database.get_session(token)).status]
         sql(settings, "UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
-        seen.append((await database.get_session(token))["status"])  # same turn
+        seen.append((await database.get_session(token)).status)  # same turn
         await asyncio.sleep(0)
-        seen.append((await database.get_session(token))["status"])
+        seen.append((await database.get_session(token)).status)
         await asyncio.sleep(0)
         seen.append(database.reader.in_transaction)  # reader starts the turn's transaction
         await asyncio.sleep(0)
@@ -144,7 +147,7 @@ def test_a_read_transaction_left_open_by_a_loop_that_stopped_is_never_read_from_
         async def read_then_stop() -> str:
             row = await database.get_session(token)
             first.stop()  # before the turn that ends the read transaction
-            return str(row["status"])
+            return str(row.status)
 
         task = first.create_task(read_then_stop())
         first.run_forever()
@@ -153,7 +156,7 @@ def test_a_read_transaction_left_open_by_a_loop_that_stopped_is_never_read_from_
         sql(settings, "UPDATE sessions SET status = 'consumed' WHERE token = ?", (token,))
 
         async def read() -> str:
-            return str((await database.get_session(token))["status"])
+            return str((await database.get_session(token)).status)
 
         assert second.run_until_complete(read()) == "consumed"
         second.run_until_complete(database.close())
@@ -174,9 +177,9 @@ def test_a_read_after_this_process_consumed_a_token_sees_it_consumed(
     async def scenario(database: db.Database, commits: list[str]) -> list[str]:
         statuses = []
         for token in tokens:
-            assert (await database.get_session(token))["status"] == "active"
+            assert (await database.get_session(token)).status == "active"
             assert await database.consume_session(token, "player", NOW) is not None
-            statuses.append((await database.get_session(token))["status"])
+            statuses.append((await database.get_session(token)).status)
         return statuses
 
     assert run(settings, scenario) == ["consumed"] * len(tokens)

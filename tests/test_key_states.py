@@ -5,6 +5,7 @@ is refused on it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -14,6 +15,8 @@ from conftest import API, World, add_org, assert_error, sql
 from dailyplay import config
 from dailyplay.keys import issue_api_key
 from dailyplay.storage import sqlite as db
+from dailyplay.storage.sqlite.statements import key_state
+from dailyplay.storage.types import NewSession
 
 NOW = 1_800_000_000_000
 
@@ -109,14 +112,14 @@ def test_an_insert_admitted_on_an_old_reading_of_its_key_stores_nothing(
     with db.transaction(conn):
         _raw, row = issue_api_key(conn, org, "CRM", NOW, per_minute=60, per_day=1000)
     key_id = int(row["id"])
-    state = tuple(conn.execute(db.KEY_STATE, (key_id,)).fetchone())
+    state = key_state(conn.execute(db.KEY_STATE, (key_id,)).fetchone())
     conn.close()
-    changed = list(state)
-    changed[6] = 61  # rate_limit_per_minute, as another process would have set it
+    # As another process would have changed it meanwhile:
+    changed = dataclasses.replace(state, rate_limit_per_minute=61)
     tokens = [uuid.uuid4().bytes for _ in range(4)]
 
-    def values(token: bytes) -> tuple[Any, ...]:
-        return (token, org, key_id, 1, None, None, None, NOW, NOW + 60_000)
+    def values(token: bytes) -> NewSession:
+        return NewSession(token, org, key_id, 1, None, None, None, NOW, NOW + 60_000)
 
     async def main() -> list[Any]:
         database = db.Database(settings.database)
@@ -125,7 +128,7 @@ def test_an_insert_admitted_on_an_old_reading_of_its_key_stores_nothing(
             # One group: two inserts on the current reading, one on an old one, one unchecked.
             return await asyncio.gather(
                 database.insert_session(values(tokens[0]), state),
-                database.insert_session(values(tokens[1]), tuple(changed)),
+                database.insert_session(values(tokens[1]), changed),
                 database.insert_session(values(tokens[2]), state),
                 database.insert_session(values(tokens[3])),
                 return_exceptions=True,

@@ -21,6 +21,7 @@ from dailyplay.clock import DAY_MS, now_ms
 from dailyplay.retention import cutoff_ms, purge, run_retention
 from dailyplay.storage import sqlite as db
 from dailyplay.storage.sqlite import schema
+from dailyplay.storage.types import NewSession
 
 NOW = now_ms()  # the CLI and the server's task use the wall clock
 
@@ -203,7 +204,7 @@ def test_the_database_stays_bounded_under_a_steady_workload(settings: config.Set
                 await asyncio.gather(
                     *(
                         database.insert_session(
-                            (t, org, None, 1, None, "r", None, now, now + DAY_MS)
+                            NewSession(t, org, None, 1, None, "r", None, now, now + DAY_MS)  # type: ignore[arg-type]
                         )
                         for t in tokens
                     )

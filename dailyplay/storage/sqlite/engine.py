@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
 from ..errors import KeyChanged
+from ..types import KeyState, Session
 from .schema import _open, checkpoint, checkpoint_to_start_over, is_full, translated
-from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW
+from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW, key_state
 
 T = TypeVar("T")
 log = logging.getLogger("dailyplay.db")
@@ -433,15 +434,19 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
             INSERT_SESSION_HEAD + ", ".join([SESSION_ROW] * len(chunk)),
             [value for row_values in values for value in row_values],
         )
-        _count_usage(conn, "created", [(v[2], v[7]) for v in values])
+        _count_usage(conn, "created", [(v.api_key_id, v.created_at) for v in values])
     for start in range(0, len(consumes), ROWS_PER_STATEMENT):
         chunk = consumes[start : start + ROWS_PER_STATEMENT]
         rows = conn.execute(
             CONSUME_SESSIONS.format(batch=", ".join(["(?, ?, ?, ?)"] * len(chunk))),
             [value for i, index in enumerate(chunk) for value in (i, *writes[index][1])],
         ).fetchall()
-        won = {bytes(row["token"]): row for row in rows}
-        _count_usage(conn, "consumed", [(row["api_key_id"], row["consumed_at"]) for row in rows])
+        won = {bytes(row[0]): Session._make(row[1:]) for row in rows}
+        _count_usage(
+            conn,
+            "consumed",
+            [(s.api_key_id, s.consumed_at) for s in won.values() if s.consumed_at is not None],
+        )
         # A token asked for twice in one group is won by the first asker only.
         for index in chunk:
             results[index] = won.pop(writes[index][1][0], None)
@@ -453,16 +458,16 @@ def _admitted(
 ) -> list[int]:
     """The token inserts whose key is still in the state they were admitted on (read once per
     key in the group); the others get KeyChanged as their result and insert nothing."""
-    current: dict[int, tuple[Any, ...] | None] = {}
+    current: dict[int, KeyState | None] = {}
     admitted = []
     for index in inserts:
-        values, key_state = writes[index][1]
-        if key_state is not None:
-            key_id = values[2]
+        values, admitted_on = writes[index][1]
+        if admitted_on is not None:
+            key_id = values.api_key_id
             if key_id not in current:
                 row = conn.execute(KEY_STATE, (key_id,)).fetchone()
-                current[key_id] = None if row is None else tuple(row)
-            if current[key_id] != key_state:
+                current[key_id] = None if row is None else key_state(row)
+            if current[key_id] != admitted_on:
                 results[index] = KeyChanged(key_id)
                 continue
         admitted.append(index)

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from typing import Any
 
-from ..types import Actor
+from ..types import Actor, KeyState
 
 AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
 
@@ -77,6 +77,29 @@ KEY_STATE = (
     " k.expires_at, o.tier FROM api_keys k JOIN orgs o ON o.id = k.org_id"
     " WHERE k.id = ?"
 )
+
+
+def id_list(text: str | None) -> list[int] | None:
+    """An allow-list column (JSON array text, or NULL for no list) as a list."""
+    return None if text is None else json.loads(text)
+
+
+def key_state(row: sqlite3.Row) -> KeyState:
+    """A KEY_STATE row, parsed."""
+    return KeyState(
+        key_id=row["id"],
+        org_id=row["org_id"],
+        key_hash=row["key_hash"],
+        is_active=bool(row["is_active"]),
+        allowed_game_ids=id_list(row["allowed_game_ids"]),
+        allowed_stream_ids=id_list(row["allowed_stream_ids"]),
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        rate_limit_per_day=row["rate_limit_per_day"],
+        expires_at=row["expires_at"],
+        tier=row["tier"],
+    )
+
+
 MUTABLE_KEY_COLUMNS = frozenset(
     {
         "name",

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ...config import DatabaseSettings
-from ..types import Actor
+from ..types import Actor, KeyState, NewSession, Session
 from .admin import (
     PURGE_BATCH,
     delete_api_key_in,
@@ -31,7 +31,7 @@ from .engine import (
     _Write,
 )
 from .schema import _open, connect, reraise
-from .statements import GET_SESSION, KEY_STATE
+from .statements import GET_SESSION, KEY_STATE, key_state
 
 T = TypeVar("T")
 log = logging.getLogger("dailyplay.db")
@@ -297,9 +297,10 @@ class Database:
             "SELECT id, key_hash FROM api_keys WHERE key_prefix = ?", (key_prefix,)
         )
 
-    async def get_api_key_for_request(self, key_id: int) -> sqlite3.Row | None:
-        """The key's current state and its org's tier (KEY_STATE's columns), read now."""
-        return self._read_one(KEY_STATE, (key_id,))
+    async def get_api_key_for_request(self, key_id: int) -> KeyState | None:
+        """The key's current state and its org's tier, read now; None if there is no such key."""
+        row = self._read_one(KEY_STATE, (key_id,))
+        return None if row is None else key_state(row)
 
     async def record_key_usage(
         self, last_used: dict[int, int], counter_deltas: dict[tuple[int, str, int], int]
@@ -354,22 +355,22 @@ class Database:
     # --- sessions ------------------------------------------------------------------------------
 
     async def insert_session(
-        self, values: tuple[Any, ...], key_state: tuple[Any, ...] | None = None
+        self, session: NewSession, admitted_on: KeyState | None = None
     ) -> None:
-        """Insert a token: (token, org_id, api_key_id, game_id, stream_id, external_ref,
-        metadata, created_at, expires_at); returns once it is committed. With key_state (a
-        KEY_STATE row as a tuple) the token is inserted only if the key's row is still exactly
-        that inside the transaction; else KeyChanged is raised and nothing is stored."""
-        await self._enqueue("insert_session", (values, key_state))
+        """Store a token; returns once it is committed. With admitted_on, the token is stored
+        only if its key is still in exactly that state inside the transaction; else KeyChanged
+        is raised and nothing is stored."""
+        await self._enqueue("insert_session", (session, admitted_on))
 
-    async def get_session(self, token: bytes) -> sqlite3.Row | None:
+    async def get_session(self, token: bytes) -> Session | None:
         # One SQL string object for every call: a string built per call (validate-session's
         # every request) is hashed anew for the statement cache.
-        return self._read_one(GET_SESSION, (token,))
+        row = self._read_one(GET_SESSION, (token,))
+        return None if row is None else Session._make(row)
 
     async def consume_session(
         self, token: bytes, player_uuid: str | None, now: int
-    ) -> sqlite3.Row | None:
+    ) -> Session | None:
         """Atomically mark an active, unexpired token consumed; None when it was not."""
-        row: sqlite3.Row | None = await self._enqueue("consume_session", (token, player_uuid, now))
-        return row
+        session: Session | None = await self._enqueue("consume_session", (token, player_uuid, now))
+        return session
