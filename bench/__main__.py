@@ -224,7 +224,7 @@ def prepare_instance(
     conn.close()
     path = directory / "bench.toml"
     write_config(settings, path)
-    return Instance(settings, path, raw_key, org_id, int(row["id"]))
+    return Instance(settings, path, raw_key, org_id, row.id)
 
 
 def seed_tokens(instance: Instance, count: int, tokens_file: Path | None) -> None:

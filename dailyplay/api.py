@@ -41,9 +41,9 @@ from .ratelimit import (
     rate_limit_headers,
 )
 from .responses import JsonResponse, raw_json
+from .storage import Store
 from .storage.errors import KeyChanged
-from .storage.sqlite import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, Database
-from .storage.types import KeyState, NewSession, Session
+from .storage.types import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, KeyState, NewSession, Session
 from .tokens import new_session_token
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Services:
     """Everything a request handler needs, opened in the app's lifespan."""
 
     settings: Settings
-    db: Database
+    db: Store
     key_verifier: ApiKeyVerifier
     key_states: KeyStates
     jwt: JwtVerifier
@@ -450,9 +450,9 @@ async def list_api_keys(services: Services, request: Request, params: dict[str, 
     org_id = inputs.query_positive_int(params, "org_id")
     note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=False)
-    rows = await services.db.list_api_keys(org_id)
+    keys = await services.db.list_api_keys(org_id)
     usage = await services.db.key_usage(org_id, now_ms())
-    return ok([{**api_key_data(row), "usage": usage.get(row["id"], NO_USAGE)} for row in rows])
+    return ok([{**api_key_data(key), "usage": usage.get(key.id, NO_USAGE)} for key in keys])
 
 
 CREATE_KEY_FIELDS = (
@@ -475,7 +475,7 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
     note(request.scope, org_id=org_id)
     await require_org_role(services.db, principal, org_id, need_admin=True)
     org = await services.db.get_org(org_id)
-    if org is None or org["tier"] != "business":
+    if org is None or org.tier != "business":
         raise ApiError(
             403,
             f"organization {org_id} is not on the Business tier, which API keys need",
@@ -485,11 +485,11 @@ async def create_api_key(services: Services, request: Request, params: dict[str,
     fields = new_key_fields(body, now)
     raw_key = generate_api_key()
     key_hash = await _hash_in_thread(raw_key)
-    row = await services.db.insert_api_key(
+    key = await services.db.insert_api_key(
         key_insert_values(org_id, fields, raw_key, key_hash, now),
         _actor(services, request, principal),
     )
-    return ok({**api_key_data(row), "key": raw_key})
+    return ok({**api_key_data(key), "key": raw_key})
 
 
 def _actor(services: Services, request: Request, principal: Principal) -> Actor:
@@ -511,12 +511,12 @@ async def update_api_key(services: Services, request: Request, params: dict[str,
     await require_org_role(services.db, principal, org_id, need_admin=True)
     now = now_ms()
     changes = key_changes(body, now)
-    row, revoked = await services.db.update_api_key(
+    key, revoked = await services.db.update_api_key(
         org_id, key_id, changes, now, _actor(services, request, principal)
     )
-    if row is None:
+    if key is None:
         raise ApiError(404, f"API key {key_id} not found in organization {org_id}")
-    return ok({**api_key_data(row), "revoked_sessions": revoked})
+    return ok({**api_key_data(key), "revoked_sessions": revoked})
 
 
 async def delete_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:
@@ -547,9 +547,9 @@ async def audit_log(services: Services, request: Request, params: dict[str, str]
     if "limit" in params:
         limit = inputs.query_positive_int(params, "limit", AUDIT_PAGE_MAX)
     before_id = inputs.query_positive_int(params, "before_id") if "before_id" in params else None
-    rows = await services.db.list_audit(org_id, limit + 1, before_id)
-    entries = [audit_entry(row) for row in rows[:limit]]
-    next_before = entries[-1]["id"] if len(rows) > limit else None
+    found = await services.db.list_audit(org_id, limit + 1, before_id)
+    entries = [audit_entry(entry) for entry in found[:limit]]
+    next_before = entries[-1]["id"] if len(found) > limit else None
     return ok({"entries": entries, "next_before_id": next_before})
 
 

@@ -36,8 +36,8 @@ from .openapi import document_for, render_reference
 from .ratelimit import FailedAuthLimiter, KeyRateLimiter, PublicRateLimiter, flushing
 from .responses import JsonResponse
 from .retention import run_retention
+from .storage import SCHEMA_VERSION, Store, store_for
 from .storage.errors import StorageBusy, StorageError, StorageFull
-from .storage.sqlite import SCHEMA_VERSION, Database
 
 log = logging.getLogger("dailyplay")
 
@@ -290,7 +290,7 @@ def health_routes() -> list[Route]:
         return JsonResponse({"success": True, "data": {"status": "ok"}})
 
     async def readyz(request: Request) -> Response:
-        db: Database = request.app.state.services.db
+        db: Store = request.app.state.services.db
         try:
             version = db.schema_version()
         except StorageError as exc:
@@ -369,7 +369,7 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        db = Database(settings.database, observed.observe_commit if observed else None)
+        db = store_for(settings.database, observed.observe_commit if observed else None)
         await db.open()
         key_limiter = KeyRateLimiter(db)
         app.state.services = Services(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .clock import iso_from_ms
+from .storage.types import AuditEntry
 
 
 def json_list(text: str | None) -> list[int] | None:
@@ -36,18 +37,16 @@ def _changes_in_api_form(changes: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def audit_entry(row: Any) -> dict[str, Any]:
-    """An audit row as the API and the CLI show it: ISO times, and changes as an object whose
+def audit_entry(entry: AuditEntry) -> dict[str, Any]:
+    """An audit entry as the API and the CLI show it: ISO times, and changes as an object whose
     values have the API's types (booleans, arrays, RFC 3339 times)."""
     return {
-        "id": row["id"],
-        "at": iso_from_ms(row["at"]),
-        "org_id": row["org_id"],
-        "actor": row["actor"],
-        "action": row["action"],
-        "api_key_id": row["api_key_id"],
-        "client_ip": row["client_ip"],
-        "changes": (
-            None if row["changes"] is None else _changes_in_api_form(json.loads(row["changes"]))
-        ),
+        "id": entry.id,
+        "at": iso_from_ms(entry.at),
+        "org_id": entry.org_id,
+        "actor": entry.actor,
+        "action": entry.action,
+        "api_key_id": entry.api_key_id,
+        "client_ip": entry.client_ip,
+        "changes": None if entry.changes is None else _changes_in_api_form(entry.changes),
     }

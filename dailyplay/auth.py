@@ -15,7 +15,7 @@ from jwt.types import Options
 from .config import AuthSettings, ConfigError
 from .errors import ApiError
 from .jwks import JwksUnavailable, RemoteKeySet
-from .storage.sqlite import Database
+from .storage import Store
 
 # Asymmetric only: `none` and HS* are never accepted, whatever the token header says.
 ALLOWED_ALGORITHMS = ("RS256", "ES256")
@@ -173,14 +173,14 @@ class JwtVerifier:
         return jwk.key, [jwk.algorithm_name]
 
 
-async def org_role(db: Database, principal: Principal, org_id: int) -> str | None:
+async def org_role(db: Store, principal: Principal, org_id: int) -> str | None:
     """The principal's role in org_id ('admin' beats 'member'), or None if not allowed at all."""
     org = await db.get_org(org_id)
     if org is None:
         return None
     roles = {
         await db.get_member_role(org_id, principal.user_id),
-        principal.claimed_org_role(org["external_id"]),
+        principal.claimed_org_role(org.external_id),
     }
     if "admin" in roles:
         return "admin"
@@ -189,9 +189,7 @@ async def org_role(db: Database, principal: Principal, org_id: int) -> str | Non
     return None
 
 
-async def require_org_role(
-    db: Database, principal: Principal, org_id: int, need_admin: bool
-) -> None:
+async def require_org_role(db: Store, principal: Principal, org_id: int, need_admin: bool) -> None:
     """ApiError 403 unless the principal may act for org_id (as admin when need_admin)."""
     role = await org_role(db, principal, org_id)
     if role is None:

@@ -236,7 +236,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     if not db.org_exists(conn, args.org):
         raise CliError(f"organization {args.org} not found")
-    emit([audit_entry(row) for row in db.list_audit(conn, args.org, args.limit)])
+    emit([audit_entry(entry) for entry in db.list_audit(conn, args.org, args.limit)])
 
 
 def _cli_actor() -> db.Actor:
@@ -292,8 +292,8 @@ def cmd_key_create(args: argparse.Namespace) -> None:
     raw_key = generate_api_key()
     values = key_insert_values(args.org, fields, raw_key, hash_api_key(raw_key), now)
     with db.transaction(conn):
-        row = db.insert_api_key(conn, values, _cli_actor())
-    emit({**api_key_data(row), "key": raw_key})
+        key = db.insert_api_key(conn, values, _cli_actor())
+    emit({**api_key_data(key), "key": raw_key})
 
 
 def cmd_key_list(args: argparse.Namespace) -> None:
@@ -302,7 +302,7 @@ def cmd_key_list(args: argparse.Namespace) -> None:
     conn = _connect(_settings(args))
     if not db.org_exists(conn, args.org):
         raise CliError(f"organization {args.org} not found")
-    emit([api_key_data(row) for row in db.list_api_keys(conn, args.org)])
+    emit([api_key_data(key) for key in db.list_api_keys(conn, args.org)])
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> None:
@@ -310,12 +310,12 @@ def cmd_key_revoke(args: argparse.Namespace) -> None:
 
     conn = _connect(_settings(args))
     with db.transaction(conn):
-        row, revoked = db.update_api_key_in(
+        key, revoked = db.update_api_key_in(
             conn, args.org, args.id, {"is_active": 0}, now_ms(), _cli_actor()
         )
-    if row is None:
+    if key is None:
         raise CliError(f"API key {args.id} not found in organization {args.org}")
-    emit({**api_key_data(row), "revoked_sessions": revoked})
+    emit({**api_key_data(key), "revoked_sessions": revoked})
 
 
 def cmd_key_delete(args: argparse.Namespace) -> None:
@@ -336,14 +336,14 @@ def cmd_stats(args: argparse.Namespace) -> None:
     emit(
         [
             {
-                "id": row["id"],
-                "name": row["name"],
-                "key_prefix": row["key_prefix"],
-                "is_active": bool(row["is_active"]),
-                "last_used_at": iso_from_ms(row["last_used_at"]),
-                **usage.get(row["id"], db.NO_USAGE),
+                "id": key.id,
+                "name": key.name,
+                "key_prefix": key.key_prefix,
+                "is_active": key.is_active,
+                "last_used_at": iso_from_ms(key.last_used_at),
+                **usage.get(key.id, db.NO_USAGE),
             }
-            for row in keys
+            for key in keys
         ]
     )
 

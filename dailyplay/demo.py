@@ -138,7 +138,7 @@ def prepare_demo(
         "config": str(config_path),
         "database": settings.database.path,
         "org_id": org_id,
-        "api_key_id": key_row["id"],
+        "api_key_id": key_row.id,
         "api_key": raw_key,
         "bearer_token": bearer,
         "bearer_expires_in_hours": TOKEN_HOURS,

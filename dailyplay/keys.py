@@ -32,11 +32,11 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from . import inputs
-from .audit import json_list
 from .clock import MAX_MS, iso_from_ms, ms_from_iso
 from .errors import ApiError
-from .storage.sqlite import CLI, MUTABLE_KEY_COLUMNS, Database, insert_api_key
-from .storage.types import KeyState
+from .storage import Store
+from .storage.sqlite import CLI, insert_api_key
+from .storage.types import MUTABLE_KEY_COLUMNS, ApiKey, KeyState, NewApiKey
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
 PREFIX_LENGTH = 8
@@ -122,9 +122,9 @@ def new_key_fields(body: dict[str, Any], now: int) -> dict[str, Any]:
 
 def key_insert_values(
     org_id: int, fields: dict[str, Any], raw_key: str, key_hash: str, now: int
-) -> tuple[Any, ...]:
-    """new_key_fields in INSERT_API_KEY's column order."""
-    return (
+) -> NewApiKey:
+    """The key new_key_fields describe, to store."""
+    return NewApiKey(
         org_id,
         fields["name"],
         fields["description"],
@@ -169,23 +169,23 @@ def key_changes(body: dict[str, Any], now: int) -> dict[str, Any]:
     return changes
 
 
-def api_key_data(row: sqlite3.Row) -> dict[str, Any]:
+def api_key_data(key: ApiKey) -> dict[str, Any]:
     """A key as the API and the CLI show it: never its hash, never the raw key."""
     return {
-        "id": row["id"],
-        "org_id": row["org_id"],
-        "name": row["name"],
-        "description": row["description"],
-        "key_prefix": row["key_prefix"],
-        "is_active": bool(row["is_active"]),
-        "allowed_game_ids": json_list(row["allowed_game_ids"]),
-        "allowed_stream_ids": json_list(row["allowed_stream_ids"]),
-        "rate_limit_per_minute": row["rate_limit_per_minute"],
-        "rate_limit_per_day": row["rate_limit_per_day"],
-        "expires_at": iso_from_ms(row["expires_at"]),
-        "created_at": iso_from_ms(row["created_at"]),
-        "updated_at": iso_from_ms(row["updated_at"]),
-        "last_used_at": iso_from_ms(row["last_used_at"]),
+        "id": key.id,
+        "org_id": key.org_id,
+        "name": key.name,
+        "description": key.description,
+        "key_prefix": key.key_prefix,
+        "is_active": key.is_active,
+        "allowed_game_ids": key.allowed_game_ids,
+        "allowed_stream_ids": key.allowed_stream_ids,
+        "rate_limit_per_minute": key.rate_limit_per_minute,
+        "rate_limit_per_day": key.rate_limit_per_day,
+        "expires_at": iso_from_ms(key.expires_at),
+        "created_at": iso_from_ms(key.created_at),
+        "updated_at": iso_from_ms(key.updated_at),
+        "last_used_at": iso_from_ms(key.last_used_at),
     }
 
 
@@ -198,13 +198,13 @@ def issue_api_key(
     description: str | None = None,
     per_minute: int,
     per_day: int,
-) -> tuple[str, sqlite3.Row]:
+) -> tuple[str, ApiKey]:
     """A new key for org_id stored through a sync connection (the demo, the benchmark and test
-    set-up); returns the raw key, shown nowhere else, and the stored row."""
+    set-up); returns the raw key, shown nowhere else, and the stored key."""
     raw_key = generate_api_key()
-    row = insert_api_key(
+    key = insert_api_key(
         conn,
-        (
+        NewApiKey(
             org_id,
             name,
             description,
@@ -220,7 +220,7 @@ def issue_api_key(
         ),
         CLI,
     )
-    return raw_key, row
+    return raw_key, key
 
 
 def is_well_formed(raw_key: str) -> bool:
@@ -304,7 +304,7 @@ class KeyStates:
 class ApiKeyVerifier:
     """Maps raw keys to key ids, paying for argon2 at most once per key per process."""
 
-    def __init__(self, db: Database, max_entries: int = 10_000, negative_ttl_seconds: float = 600):
+    def __init__(self, db: Store, max_entries: int = 10_000, negative_ttl_seconds: float = 600):
         self._db = db
         self._known = _BoundedCache(max_entries)
         # Keys that failed verification; a raw key is random, so it cannot become valid later
@@ -347,8 +347,7 @@ class ApiKeyVerifier:
         return result
 
     async def _verify_uncached(self, raw_key: str) -> VerifiedKey | None:
-        rows = await self._db.find_api_key_hashes(key_prefix(raw_key))
-        candidates = [(int(row["id"]), str(row["key_hash"])) for row in rows]
+        candidates = await self._db.find_api_key_hashes(key_prefix(raw_key))
         self.argon2_verifications += max(1, len(candidates))
         match = await asyncio.to_thread(_verify_candidates, raw_key, candidates)
         return None if match is None else VerifiedKey(*match)

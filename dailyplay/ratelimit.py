@@ -27,7 +27,7 @@ from .background import log_failed_pass, running
 from .clock import DAY_MS, MINUTE_MS
 from .clock import now_ms as current_ms
 from .errors import ApiError
-from .storage.sqlite import Database
+from .storage import Store
 
 log = logging.getLogger("dailyplay.ratelimit")
 
@@ -211,7 +211,7 @@ class KeyRateLimiter:
     per window rather than on every request.
     """
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Store):
         self._db = db
         self._storage = WindowCounters()
         self._seeded: set[str] = set()

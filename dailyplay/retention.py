@@ -10,8 +10,8 @@ import sqlite3
 
 from .background import log_failed_pass
 from .clock import DAY_MS, now_ms
+from .storage import Store
 from .storage import sqlite as db
-from .storage.sqlite import Database
 
 log = logging.getLogger("dailyplay.retention")
 
@@ -42,7 +42,7 @@ def purge(
 
 
 async def run_retention(
-    database: Database,
+    database: Store,
     days: int,
     *,
     first_pass: float = FIRST_PASS_SECONDS,

@@ -111,7 +111,7 @@ def test_an_insert_admitted_on_an_old_reading_of_its_key_stores_nothing(
     conn = db.connect(settings.database)
     with db.transaction(conn):
         _raw, row = issue_api_key(conn, org, "CRM", NOW, per_minute=60, per_day=1000)
-    key_id = int(row["id"])
+    key_id = row.id
     state = key_state(conn.execute(db.KEY_STATE, (key_id,)).fetchone())
     conn.close()
     # As another process would have changed it meanwhile:

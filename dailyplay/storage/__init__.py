@@ -1,5 +1,28 @@
-"""Storage: everything the service keeps, behind named operations.
+"""Storage: everything the service keeps, behind named operations (`Store`, in `base`).
 
-Nothing outside this package holds SQL or imports a database driver. The engine is SQLite
-(`storage.sqlite`); callers catch this package's own exceptions (`storage.errors`).
+Nothing outside this package holds SQL or imports a database driver. Callers use the types of
+`storage.types` and catch the exceptions of `storage.errors`. The engine is SQLite
+(`storage.sqlite`), chosen by `store_for`.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..config import DatabaseSettings
+from .base import Store
+from .sqlite.schema import SCHEMA_VERSION
+
+__all__ = ["SCHEMA_VERSION", "Store", "store_for"]
+
+
+def store_for(
+    settings: DatabaseSettings,
+    observe_commit: Callable[[float, int, bool], None] | None = None,
+) -> Store:
+    """The store the settings describe, not yet open: the SQLite file at settings.path.
+    observe_commit is told of each group commit (seconds holding the write lock, writes,
+    whether it waited for another process first), for metrics."""
+    from .sqlite import Database
+
+    return Database(settings, observe_commit)

@@ -3,7 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+# The API key columns an update may change (keys.key_changes gives their stored forms).
+MUTABLE_KEY_COLUMNS = frozenset(
+    {
+        "name",
+        "description",
+        "is_active",
+        "allowed_game_ids",
+        "allowed_stream_ids",
+        "rate_limit_per_minute",
+        "rate_limit_per_day",
+        "expires_at",
+    }
+)
+
+# What key usage reports per key, in this order.
+USAGE_FIELDS = (
+    "sessions_created_24h",
+    "sessions_consumed_24h",
+    "sessions_created_30d",
+    "sessions_consumed_30d",
+)
+NO_USAGE = dict.fromkeys(USAGE_FIELDS, 0)
 
 
 @dataclass(frozen=True)
@@ -65,3 +88,63 @@ class KeyState:
     rate_limit_per_day: int
     expires_at: int | None
     tier: str
+
+
+@dataclass(frozen=True)
+class Org:
+    id: int
+    name: str
+    tier: str  # free or business
+    external_id: str | None  # the Clerk organization id, when it has one
+
+
+class NewApiKey(NamedTuple):
+    """An API key to store. Allow-lists are given as their stored JSON text (keys.id_list_json),
+    as key changes are: the audit trail records stored forms."""
+
+    org_id: int
+    name: str
+    description: str | None
+    key_prefix: str
+    key_hash: str  # argon2id; the raw key is never stored
+    allowed_game_ids: str | None
+    allowed_stream_ids: str | None
+    rate_limit_per_minute: int
+    rate_limit_per_day: int
+    expires_at: int | None
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored API key, without its hash."""
+
+    id: int
+    org_id: int
+    name: str
+    description: str | None
+    key_prefix: str
+    is_active: bool
+    allowed_game_ids: list[int] | None  # None: every game
+    allowed_stream_ids: list[int] | None
+    rate_limit_per_minute: int
+    rate_limit_per_day: int
+    expires_at: int | None
+    created_at: int
+    updated_at: int
+    last_used_at: int | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One change in an organization's audit trail; changes as stored: column -> {from, to}."""
+
+    id: int
+    at: int
+    org_id: int
+    actor: str
+    action: str
+    api_key_id: int | None
+    client_ip: str | None
+    changes: dict[str, Any] | None

@@ -9,11 +9,9 @@
 """
 
 from ..errors import KeyChanged, SchemaError
-from ..types import CLI, Actor
+from ..types import CLI, MUTABLE_KEY_COLUMNS, NO_USAGE, USAGE_FIELDS, Actor
 from .admin import (
-    NO_USAGE,
     PURGE_BATCH,
-    USAGE_FIELDS,
     count_finished_sessions,
     create_org,
     delete_api_key_in,
@@ -50,7 +48,6 @@ from .statements import (
     API_KEY_COLUMNS,
     GET_SESSION,
     KEY_STATE,
-    MUTABLE_KEY_COLUMNS,
     SESSION_COLUMNS,
     record_audit,
 )

@@ -7,14 +7,23 @@ from collections.abc import Iterable
 from typing import Any
 
 from ...clock import HOUR_MS
-from ..types import CLI, Actor
+from ..types import (
+    CLI,
+    MUTABLE_KEY_COLUMNS,
+    USAGE_FIELDS,
+    Actor,
+    ApiKey,
+    AuditEntry,
+    NewApiKey,
+)
 from .statements import (
     API_KEY_COLUMNS,
     AUDIT_COLUMNS,
     INSERT_API_KEY,
     INSERT_SESSION,
-    MUTABLE_KEY_COLUMNS,
     REVOKE_KEY_SESSIONS,
+    api_key,
+    audit_record,
     record_audit,
 )
 
@@ -135,7 +144,7 @@ def update_api_key_in(
     changes: dict[str, Any],
     now: int,
     by: Actor,
-) -> tuple[sqlite3.Row | None, int]:
+) -> tuple[ApiKey | None, int]:
     """Apply changes to a key of org_id, with its audit entry, in the caller's transaction;
     deactivating revokes its live tokens at once. Returns (the updated row, or None when the
     key is not in the org; tokens revoked)."""
@@ -166,7 +175,7 @@ def update_api_key_in(
     if "is_active" in diff:
         action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
     record_audit(conn, now, org_id, by, action, key_id, diff)
-    return row, revoked
+    return api_key(row), revoked
 
 
 def delete_api_key_in(
@@ -186,9 +195,8 @@ def delete_api_key_in(
     return int(revoked)
 
 
-def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
-    """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry, in the
-    caller's transaction."""
+def insert_api_key(conn: sqlite3.Connection, values: NewApiKey, by: Actor) -> ApiKey:
+    """Insert one key and its audit entry, in the caller's transaction."""
     row: sqlite3.Row = conn.execute(INSERT_API_KEY, values).fetchone()
     settings = {
         column: row[column]
@@ -197,35 +205,27 @@ def insert_api_key(conn: sqlite3.Connection, values: tuple[Any, ...], by: Actor)
     }  # fmt: skip
     changes = {column: {"from": None, "to": value} for column, value in settings.items()}
     record_audit(conn, row["created_at"], row["org_id"], by, "api_key.create", row["id"], changes)
-    return row
+    return api_key(row)
 
 
-def list_api_keys(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
+def list_api_keys(conn: sqlite3.Connection, org_id: int) -> list[ApiKey]:
     """An org's keys (never their hashes), oldest first."""
-    return conn.execute(
+    rows = conn.execute(
         f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY id", (org_id,)
     ).fetchall()
+    return [api_key(row) for row in rows]
 
 
 def list_audit(
     conn: sqlite3.Connection, org_id: int, limit: int, before_id: int | None = None
-) -> list[sqlite3.Row]:
+) -> list[AuditEntry]:
     """An org's audit entries, newest first, with ids below before_id when given."""
-    return conn.execute(
+    rows = conn.execute(
         f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE org_id = ? AND id < ?"
         " ORDER BY id DESC LIMIT ?",
         (org_id, before_id if before_id is not None else 2**63 - 1, limit),
     ).fetchall()
-
-
-# What key_usage reports per key, in the order its query selects them.
-USAGE_FIELDS = (
-    "sessions_created_24h",
-    "sessions_consumed_24h",
-    "sessions_created_30d",
-    "sessions_consumed_30d",
-)
-NO_USAGE = dict.fromkeys(USAGE_FIELDS, 0)
+    return [audit_record(row) for row in rows]
 
 
 def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict[str, int]]:

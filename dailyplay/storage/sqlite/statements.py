@@ -6,7 +6,7 @@ import json
 import sqlite3
 from typing import Any
 
-from ..types import Actor, KeyState
+from ..types import Actor, ApiKey, AuditEntry, KeyState
 
 AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
 
@@ -100,15 +100,36 @@ def key_state(row: sqlite3.Row) -> KeyState:
     )
 
 
-MUTABLE_KEY_COLUMNS = frozenset(
-    {
-        "name",
-        "description",
-        "is_active",
-        "allowed_game_ids",
-        "allowed_stream_ids",
-        "rate_limit_per_minute",
-        "rate_limit_per_day",
-        "expires_at",
-    }
-)
+def api_key(row: sqlite3.Row) -> ApiKey:
+    """A row of API_KEY_COLUMNS, parsed."""
+    return ApiKey(
+        id=row["id"],
+        org_id=row["org_id"],
+        name=row["name"],
+        description=row["description"],
+        key_prefix=row["key_prefix"],
+        is_active=bool(row["is_active"]),
+        allowed_game_ids=id_list(row["allowed_game_ids"]),
+        allowed_stream_ids=id_list(row["allowed_stream_ids"]),
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        rate_limit_per_day=row["rate_limit_per_day"],
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_used_at=row["last_used_at"],
+    )
+
+
+def audit_record(row: sqlite3.Row) -> AuditEntry:
+    """A row of AUDIT_COLUMNS, parsed."""
+    changes = row["changes"]
+    return AuditEntry(
+        id=row["id"],
+        at=row["at"],
+        org_id=row["org_id"],
+        actor=row["actor"],
+        action=row["action"],
+        api_key_id=row["api_key_id"],
+        client_ip=row["client_ip"],
+        changes=None if changes is None else json.loads(changes),
+    )

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ...config import DatabaseSettings
-from ..types import Actor, KeyState, NewSession, Session
+from ..types import Actor, ApiKey, AuditEntry, KeyState, NewApiKey, NewSession, Org, Session
 from .admin import (
     PURGE_BATCH,
     delete_api_key_in,
@@ -233,7 +233,7 @@ class Database:
             (now,),
         )
 
-    async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[sqlite3.Row]:
+    async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[AuditEntry]:
         """An org's audit entries, newest first, with ids below before_id when given."""
         return self._read_with(list_audit, org_id, limit, before_id)
 
@@ -253,10 +253,9 @@ class Database:
 
     # --- organizations -------------------------------------------------------------------------
 
-    async def get_org(self, org_id: int) -> sqlite3.Row | None:
-        return self._read_one(
-            "SELECT id, name, tier, external_id FROM orgs WHERE id = ?", (org_id,)
-        )
+    async def get_org(self, org_id: int) -> Org | None:
+        row = self._read_one("SELECT id, name, tier, external_id FROM orgs WHERE id = ?", (org_id,))
+        return None if row is None else Org(row["id"], row["name"], row["tier"], row["external_id"])
 
     async def get_member_role(self, org_id: int, user_id: str) -> str | None:
         row = self._read_one(
@@ -266,20 +265,20 @@ class Database:
 
     # --- API keys ------------------------------------------------------------------------------
 
-    async def list_api_keys(self, org_id: int) -> list[sqlite3.Row]:
+    async def list_api_keys(self, org_id: int) -> list[ApiKey]:
         return self._read_with(list_api_keys, org_id)
 
     async def key_usage(self, org_id: int, now: int) -> dict[int, dict[str, int]]:
         """Per key of the org: sessions created/consumed in the last 24 h and 30 days."""
         return self._read_with(key_usage, org_id, now)
 
-    async def insert_api_key(self, values: tuple[Any, ...], by: Actor) -> sqlite3.Row:
-        """Insert one key (`values` in INSERT_API_KEY's column order) and its audit entry."""
+    async def insert_api_key(self, values: NewApiKey, by: Actor) -> ApiKey:
+        """Insert one key and its audit entry."""
         return await self._in_transaction(lambda conn: insert_api_key(conn, values, by))
 
     async def update_api_key(
         self, org_id: int, key_id: int, changes: dict[str, Any], now: int, by: Actor
-    ) -> tuple[sqlite3.Row | None, int]:
+    ) -> tuple[ApiKey | None, int]:
         """update_api_key_in, in one transaction of the writer."""
         return await self._in_transaction(
             lambda conn: update_api_key_in(conn, org_id, key_id, changes, now, by)
@@ -291,11 +290,12 @@ class Database:
             lambda conn: delete_api_key_in(conn, org_id, key_id, now, by)
         )
 
-    async def find_api_key_hashes(self, key_prefix: str) -> list[sqlite3.Row]:
+    async def find_api_key_hashes(self, key_prefix: str) -> list[tuple[int, str]]:
         """(id, key_hash) of every key whose first 8 characters are key_prefix."""
-        return self._read_all(
+        rows = self._read_all(
             "SELECT id, key_hash FROM api_keys WHERE key_prefix = ?", (key_prefix,)
         )
+        return [(int(row["id"]), str(row["key_hash"])) for row in rows]
 
     async def get_api_key_for_request(self, key_id: int) -> KeyState | None:
         """The key's current state and its org's tier, read now; None if there is no such key."""

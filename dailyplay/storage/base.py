@@ -1,0 +1,118 @@
+"""The storage seam: the operations the service needs from a database, in its own types.
+
+An engine implements `Store` (`storage.sqlite.Database` does). Its arguments and results are
+the types of `storage.types`, never a driver's rows; its failures are the exceptions of
+`storage.errors` (StorageBusy, StorageFull, StorageUnavailable, KeyChanged), never a driver's,
+for every condition a caller handles. Times are milliseconds since the epoch, tokens their 16
+bytes.
+
+Every write is durable when its coroutine returns: a caller answers only after that.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .types import (
+    Actor,
+    ApiKey,
+    AuditEntry,
+    KeyState,
+    NewApiKey,
+    NewSession,
+    Org,
+    Session,
+)
+
+
+class Store(Protocol):
+    # --- life ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Migrate the schema to this program's version, then get ready to serve."""
+
+    async def close(self) -> None:
+        """Finish queued writes, then release every connection and thread."""
+
+    # --- health -------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The database's schema version as it is now."""
+
+    def seconds_since_full(self) -> float | None:
+        """Seconds since a write was last refused for want of space; None if none was."""
+
+    async def probe_write(self, now: int) -> None:
+        """A write that touches the disk like any other (for /readyz)."""
+
+    # --- organizations and keys ---------------------------------------------------------------
+
+    async def get_org(self, org_id: int) -> Org | None: ...
+
+    async def get_member_role(self, org_id: int, user_id: str) -> str | None:
+        """'admin' or 'member' when org_members lists the user for the org; else None."""
+
+    async def list_api_keys(self, org_id: int) -> list[ApiKey]:
+        """The org's keys, oldest first."""
+
+    async def key_usage(self, org_id: int, now: int) -> dict[int, dict[str, int]]:
+        """Per key of the org: tokens created and consumed in the last 24 hours and 30 days."""
+
+    async def insert_api_key(self, values: NewApiKey, by: Actor) -> ApiKey:
+        """Store a key and its audit entry, in one transaction."""
+
+    async def update_api_key(
+        self, org_id: int, key_id: int, changes: dict[str, Any], now: int, by: Actor
+    ) -> tuple[ApiKey | None, int]:
+        """Apply changes (stored forms, keys.key_changes) to a key of the org with its audit
+        entry; deactivating it revokes its live tokens in the same transaction. Returns the key
+        (None when the org has no such key) and how many tokens were revoked."""
+
+    async def delete_api_key(self, org_id: int, key_id: int, now: int, by: Actor) -> int | None:
+        """Revoke a key's live tokens and delete it, with its audit entry, in one transaction;
+        the tokens revoked, or None when the org has no such key."""
+
+    async def find_api_key_hashes(self, key_prefix: str) -> list[tuple[int, str]]:
+        """(id, argon2 hash) of every key whose first 8 characters are key_prefix."""
+
+    async def get_api_key_for_request(self, key_id: int) -> KeyState | None:
+        """What decides whether the key may create a token now, read now."""
+
+    async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[AuditEntry]:
+        """The org's audit entries, newest first, with ids below before_id when given."""
+
+    # --- rate limits and usage ----------------------------------------------------------------
+
+    async def record_key_usage(
+        self, last_used: dict[int, int], counter_deltas: dict[tuple[int, str, int], int]
+    ) -> dict[tuple[int, str, int], int]:
+        """Store keys' last use and add this process's rate-limit counts ((key, 'minute' or
+        'day', window) -> hits); returns the new totals of those counters."""
+
+    async def prune_rate_counters(self, minute_before: int, day_before: int) -> None:
+        """Forget counters of windows that are over, and usage older than listings show."""
+
+    async def get_rate_counters(self, key_id: int, minute: int, day: int) -> dict[str, int]:
+        """Stored hits of a key in the given minute and day, as {'minute': n, 'day': n}."""
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    async def insert_session(
+        self, session: NewSession, admitted_on: KeyState | None = None
+    ) -> None:
+        """Store a token. With admitted_on, only if its key is still in exactly that state
+        inside the transaction; else KeyChanged and nothing is stored."""
+
+    async def get_session(self, token: bytes) -> Session | None:
+        """The token as it is now; every write committed before the call is seen."""
+
+    async def consume_session(
+        self, token: bytes, player_uuid: str | None, now: int
+    ) -> Session | None:
+        """Mark an active token that has not expired by `now` consumed, atomically: of any
+        number of concurrent callers, in any process, exactly one gets the session; the others
+        (and every later caller) get None."""
+
+    async def purge_finished_sessions(self, cutoff: int, batch: int = ...) -> int:
+        """Delete tokens that finished (expired, consumed, revoked) before cutoff, in bounded
+        transactions; returns how many."""
