@@ -33,7 +33,7 @@ import httpx
 from dailyplay import config
 from dailyplay.clock import now_ms
 from dailyplay.demo import write_config
-from dailyplay.keys import issue_api_key
+from dailyplay.keys import new_api_key
 from dailyplay.storage import sqlite as db
 
 HERE = Path(__file__).resolve().parent
@@ -217,10 +217,11 @@ def prepare_instance(
     conn = db.connect(settings.database)
     with db.transaction(conn):
         now = now_ms()
-        org_id = int(db.create_org(conn, "Bench Games", "business", None, now)["id"])
-        raw_key, row = issue_api_key(
-            conn, org_id, "bench", now, per_minute=1_000_000, per_day=1_000_000_000
+        org_id = db.create_org(conn, "Bench Games", "business", None, now).id
+        raw_key, values = new_api_key(
+            org_id, "bench", now, per_minute=1_000_000, per_day=1_000_000_000
         )
+        row = db.insert_api_key(conn, values, db.CLI)
     conn.close()
     path = directory / "bench.toml"
     write_config(settings, path)

@@ -8,12 +8,12 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import inputs
+from . import inputs, sessions
 from .audit import audit_entry
 from .auth import JwtVerifier, Principal, require_org_role
 from .clock import iso_from_ms, now_ms
@@ -33,6 +33,8 @@ from .keys import (
     new_key_fields,
 )
 from .logs import note
+from .metrics import Metrics
+from .operations import ACTIONS, operation_name
 from .ratelimit import (
     FailedAuthLimiter,
     KeyRateLimiter,
@@ -43,11 +45,8 @@ from .ratelimit import (
 from .responses import JsonResponse, raw_json
 from .storage import Store
 from .storage.errors import KeyChanged
-from .storage.types import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, KeyState, NewSession, Session
+from .storage.types import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, KeyState, NewSession
 from .tokens import new_session_token
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 
 log = logging.getLogger("dailyplay.api")
 
@@ -271,12 +270,12 @@ def _session_fields(services: Services, body: dict[str, Any]) -> SessionFields:
     metadata = inputs.metadata_json(
         body.get("metadata"), "metadata", services.settings.limits.max_metadata_bytes
     )
-    sessions = services.settings.sessions
+    lifetime = services.settings.sessions
     minutes = body.get("expires_in_minutes")
     minutes = (
-        sessions.default_expires_minutes
+        lifetime.default_expires_minutes
         if minutes is None
-        else inputs.positive_int(minutes, "expires_in_minutes", sessions.max_expires_minutes)
+        else inputs.positive_int(minutes, "expires_in_minutes", lifetime.max_expires_minutes)
     )
     return SessionFields(game_id, stream_id, external_ref, metadata, minutes)
 
@@ -297,8 +296,8 @@ async def _insert_session(
     and the key as it was admitted then."""
     for _reading in range(KEY_READINGS):
         try:
-            _check_allowed(fields.game_id, key.state.allowed_game_ids, "game")
-            _check_allowed(fields.stream_id, key.state.allowed_stream_ids, "stream")
+            sessions.check_allowed(fields.game_id, key.state.allowed_game_ids, "game")
+            sessions.check_allowed(fields.stream_id, key.state.allowed_stream_ids, "stream")
             token = new_session_token(now)
             await services.db.insert_session(
                 NewSession(
@@ -357,21 +356,6 @@ async def create_session(services: Services, request: Request, params: dict[str,
     )
 
 
-def _check_allowed(value: int | None, allowed: list[int] | None, what: str) -> None:
-    """403 when the key has an allow-list for this kind of id and value is not on it."""
-    if value is not None and allowed is not None and value not in allowed:
-        raise ApiError(
-            403, f"this API key may not create sessions for {what} {value}", kind="not_allowed"
-        )
-
-
-def _session_status(session: Session, now: int) -> str:
-    status = session.status
-    if status == "active" and session.expires_at <= now:
-        return "expired"
-    return status
-
-
 def _metadata(text: str | None) -> Any:
     """Stored metadata (compact JSON written by inputs.metadata_json), as it was stored."""
     return None if text is None else raw_json(text)
@@ -389,7 +373,7 @@ async def validate_session(
     if row is None:
         raise ApiError(404, "session token not found", kind="not_found")
     note(request.scope, org_id=row.org_id)
-    status = _session_status(row, now)
+    status = sessions.status(row, now)
     services.metrics.observe_validation(status)
     return ok(
         {
@@ -402,13 +386,6 @@ async def validate_session(
             "metadata": _metadata(row.metadata),
         }
     )
-
-
-GONE_MESSAGES = {
-    "consumed": "session token has already been consumed",
-    "expired": "session token has expired",
-    "revoked": "session token has been revoked",
-}
 
 
 async def consume_session(services: Services, request: Request, params: dict[str, str]) -> Response:
@@ -424,10 +401,10 @@ async def consume_session(services: Services, request: Request, params: dict[str
         if current is None:
             raise ApiError(404, "session token not found", kind="not_found")
         note(request.scope, org_id=current.org_id)
-        status = _session_status(current, now)
+        status = sessions.status(current, now)
         # An active row here expired between the two statements: report it as expired.
-        status = status if status in GONE_MESSAGES else "expired"
-        raise ApiError(410, GONE_MESSAGES[status], kind=status)
+        status = status if status in sessions.GONE_MESSAGES else "expired"
+        raise ApiError(410, sessions.GONE_MESSAGES[status], kind=status)
     note(request.scope, org_id=row.org_id)
     services.metrics.session_consumed()
     return ok(
@@ -580,21 +557,6 @@ OPERATIONS: dict[str | None, dict[str, Operation]] = {
         "DELETE": Operation(delete_api_key, ("id", "org_id"), b"authorization"),
     },
 }
-ACTIONS = [action for action in OPERATIONS if action is not None]
-# Names of the key-management operations (no action), by method: for logs and metrics.
-KEY_MANAGEMENT = {
-    "GET": "list-api-keys",
-    "POST": "create-api-key",
-    "PATCH": "update-api-key",
-    "DELETE": "delete-api-key",
-}
-
-
-def operation_name(method: str, action: str | None) -> str:
-    """The operation a request asks for; "other" for an unknown action or method."""
-    if action is None:
-        return KEY_MANAGEMENT.get(method, "other")
-    return action if action in OPERATIONS else "other"
 
 
 def select_operation(method: str, items: list[tuple[str, str]]) -> Operation:

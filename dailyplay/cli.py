@@ -4,6 +4,7 @@ prints JSON on stdout."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import copy
 import getpass
@@ -13,18 +14,30 @@ import logging.config
 import os
 import signal
 import socket
-import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__, config
 from .audit import audit_entry
 from .clock import iso_from_ms, now_ms
+from .storage import Store, store_for
 from .storage import sqlite as db
+from .storage.errors import Duplicate, SchemaError, StorageError
+from .storage.types import (
+    NO_USAGE,
+    Actor,
+    ApiKey,
+    AuditEntry,
+    Member,
+    Org,
+    OrgListing,
+)
+
+T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -55,17 +68,51 @@ def _settings(args: argparse.Namespace, warn: bool = True) -> config.Settings:
     return settings
 
 
-def _connect(settings: config.Settings) -> sqlite3.Connection:
-    try:
-        return db.connect(settings.database)
-    except (sqlite3.Error, db.SchemaError) as exc:
-        raise CliError(f"cannot open database {settings.database.path}: {exc}") from None
+def _with_store(settings: config.Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """work(the store the settings describe), open (the schema created or migrated first),
+    closed afterwards; a store that cannot open or refuses is a CliError."""
+
+    async def run() -> T:
+        store = store_for(settings.database)
+        try:
+            await store.open()
+        except (SchemaError, StorageError) as exc:
+            raise CliError(f"cannot open database {settings.database.path}: {exc}") from None
+        try:
+            return await work(store)
+        except StorageError as exc:
+            raise CliError(f"the database refused: {exc}") from None
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
-def _org_data(row: sqlite3.Row) -> dict[str, Any]:
-    data = {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row)
-    data["created_at"] = iso_from_ms(data["created_at"])
-    return data
+async def _need_org(store: Store, org_id: int) -> Org:
+    org = await store.get_org(org_id)
+    if org is None:
+        raise CliError(f"organization {org_id} not found")
+    return org
+
+
+def _org_data(org: Org, **more: int) -> dict[str, Any]:
+    return {
+        "id": org.id,
+        "name": org.name,
+        "tier": org.tier,
+        "external_id": org.external_id,
+        "created_at": iso_from_ms(org.created_at),
+        **more,
+    }
+
+
+def _member_data(member: Member) -> dict[str, Any]:
+    return {
+        "org_id": member.org_id,
+        "user_id": member.user_id,
+        "role": member.role,
+        "created_at": iso_from_ms(member.created_at),
+    }
 
 
 def _label(value: str) -> str:
@@ -85,7 +132,7 @@ def _org_id(value: str) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> None:
-    from .retention import cutoff_ms, purge
+    from .retention import cutoff_ms
 
     settings = _settings(args)
     days = (
@@ -96,14 +143,14 @@ def cmd_purge(args: argparse.Namespace) -> None:
             "sessions.retention_days is 0 (keep forever); give --older-than-days N to purge",
             EXIT_USAGE,
         )
-    conn = _connect(settings)
-    try:
-        cutoff = cutoff_ms(now_ms(), days)
-        count = purge(conn, cutoff, dry_run=args.dry_run)
-    except sqlite3.Error as exc:
-        raise CliError(f"purge failed: {exc}") from None
-    finally:
-        conn.close()
+    cutoff = cutoff_ms(now_ms(), days)
+
+    async def work(store: Store) -> int:
+        if args.dry_run:
+            return await store.count_finished_sessions(cutoff)
+        return await store.purge_finished_sessions(cutoff)
+
+    count = _with_store(settings, work)
     emit(
         {
             "older_than_days": days,
@@ -121,35 +168,15 @@ def cmd_backup(args: argparse.Namespace) -> None:
         raise CliError(f"{dest} exists; choose a new file or pass --force", EXIT_USAGE)
     if not dest.parent.is_dir():
         raise CliError(f"directory does not exist: {dest.parent}", EXIT_USAGE)
-    partial = dest.with_name(dest.name + ".partial")
-    source = _connect(settings)
     try:
-        partial.unlink(missing_ok=True)
-        target = sqlite3.connect(partial, isolation_level=None)
-        try:
-            # One step: the copy is one read snapshot (in WAL mode writers go on meanwhile).
-            source.backup(target)
-            check = target.execute("PRAGMA quick_check").fetchone()[0]
-            target.execute("PRAGMA journal_mode = DELETE")
-            version = target.execute("PRAGMA user_version").fetchone()[0]
-            sessions = target.execute("SELECT count(*) FROM sessions").fetchone()[0]
-        finally:
-            target.close()
-        if check != "ok":
-            raise CliError(f"the copy failed its integrity check: {check}")
-        os.replace(partial, dest)
-    except (sqlite3.Error, OSError) as exc:
+        report = db.backup_file(settings.database, dest)
+    except (SchemaError, StorageError, db.BackupFailed) as exc:
         raise CliError(f"backup failed: {exc}") from None
-    finally:
-        source.close()
-        partial.unlink(missing_ok=True)
     emit(
         {
             "backup": str(dest.resolve()),
             "bytes": dest.stat().st_size,
-            "schema_version": version,
-            "sessions": sessions,
-            "integrity": check,
+            **report,
         }
     )
 
@@ -174,78 +201,76 @@ _days = _whole_number(1, 36_500, " of days")
 
 
 def cmd_init_db(args: argparse.Namespace) -> None:
-    settings = _settings(args)
-    conn = _connect(settings)
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    conn.close()
-    emit(
-        {
-            "database": str(Path(settings.database.path).resolve()),
-            "schema_version": version,
-            "journal_mode": mode,
-        }
-    )
+    async def work(store: Store) -> dict[str, Any]:
+        return store.describe()
+
+    emit(_with_store(_settings(args), work))
 
 
 def cmd_org_create(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
+    async def work(store: Store) -> Org:
+        return await store.create_org(
+            args.name, args.tier, args.external_id, now_ms(), _cli_actor()
+        )
+
     try:
-        with db.transaction(conn):
-            row = db.create_org(conn, args.name, args.tier, args.external_id, now_ms())
-    except sqlite3.IntegrityError:
-        raise CliError(
-            f"an organization with external id {args.external_id!r} already exists"
-        ) from None
-    emit(_org_data(row))
+        emit(_org_data(_with_store(_settings(args), work)))
+    except Duplicate as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_org_list(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    emit([_org_data(row) for row in db.list_orgs(conn)])
+    async def work(store: Store) -> list[OrgListing]:
+        return await store.list_orgs()
+
+    listed = _with_store(_settings(args), work)
+    emit([_org_data(o.org, members=o.members, api_keys=o.api_keys) for o in listed])
 
 
 def cmd_org_set_tier(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    with db.transaction(conn):
-        row = db.set_org_tier(conn, args.org, args.tier, now_ms())
-    if row is None:
+    async def work(store: Store) -> Org | None:
+        return await store.set_org_tier(args.org, args.tier, now_ms(), _cli_actor())
+
+    org = _with_store(_settings(args), work)
+    if org is None:
         raise CliError(f"organization {args.org} not found")
-    emit(_org_data(row))
+    emit(_org_data(org))
 
 
 def cmd_member_add(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    with db.transaction(conn):
-        if not db.org_exists(conn, args.org):
-            raise CliError(f"organization {args.org} not found")
-        row = db.upsert_member(conn, args.org, args.user, args.role, now_ms())
-    emit(_org_data(row))
+    async def work(store: Store) -> Member | None:
+        return await store.upsert_member(args.org, args.user, args.role, now_ms(), _cli_actor())
+
+    member = _with_store(_settings(args), work)
+    if member is None:
+        raise CliError(f"organization {args.org} not found")
+    emit(_member_data(member))
 
 
 def cmd_member_remove(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    with db.transaction(conn):
-        removed = db.delete_member(conn, args.org, args.user, now_ms())
-    if not removed:
+    async def work(store: Store) -> bool:
+        return await store.delete_member(args.org, args.user, now_ms(), _cli_actor())
+
+    if not _with_store(_settings(args), work):
         raise CliError(f"{args.user!r} is not a member of organization {args.org}")
     emit({"org_id": args.org, "user_id": args.user, "removed": True})
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    if not db.org_exists(conn, args.org):
-        raise CliError(f"organization {args.org} not found")
-    emit([audit_entry(entry) for entry in db.list_audit(conn, args.org, args.limit)])
+    async def work(store: Store) -> list[AuditEntry]:
+        await _need_org(store, args.org)
+        return await store.list_audit(args.org, args.limit, None)
+
+    emit([audit_entry(entry) for entry in _with_store(_settings(args), work)])
 
 
-def _cli_actor() -> db.Actor:
+def _cli_actor() -> Actor:
     """Who the audit trail names for a change made here: cli:<the OS user>."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (a bare container)
         user = str(os.getuid())
-    return db.Actor(f"cli:{user}")
+    return Actor(f"cli:{user}")
 
 
 def _key_rule(check: Callable[[], Any]) -> Any:
@@ -280,59 +305,61 @@ def cmd_key_create(args: argparse.Namespace) -> None:
         body["expires_at"] = args.expires
     now = now_ms()
     fields = _key_rule(lambda: new_key_fields(body, now))
-    conn = _connect(_settings(args))
-    tier = db.org_tier(conn, args.org)
-    if tier is None:
-        raise CliError(f"organization {args.org} not found")
-    if tier != "business":
-        raise CliError(
-            f"organization {args.org} is not on the Business tier, which API keys need"
-            f" (dailyplay org set-tier --org {args.org} --tier business)"
-        )
     raw_key = generate_api_key()
     values = key_insert_values(args.org, fields, raw_key, hash_api_key(raw_key), now)
-    with db.transaction(conn):
-        key = db.insert_api_key(conn, values, _cli_actor())
-    emit({**api_key_data(key), "key": raw_key})
+
+    async def work(store: Store) -> ApiKey:
+        org = await _need_org(store, args.org)
+        if org.tier != "business":
+            raise CliError(
+                f"organization {args.org} is not on the Business tier, which API keys need"
+                f" (dailyplay org set-tier --org {args.org} --tier business)"
+            )
+        return await store.insert_api_key(values, _cli_actor())
+
+    emit({**api_key_data(_with_store(_settings(args), work)), "key": raw_key})
 
 
 def cmd_key_list(args: argparse.Namespace) -> None:
     from .keys import api_key_data
 
-    conn = _connect(_settings(args))
-    if not db.org_exists(conn, args.org):
-        raise CliError(f"organization {args.org} not found")
-    emit([api_key_data(key) for key in db.list_api_keys(conn, args.org)])
+    async def work(store: Store) -> list[ApiKey]:
+        await _need_org(store, args.org)
+        return await store.list_api_keys(args.org)
+
+    emit([api_key_data(key) for key in _with_store(_settings(args), work)])
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> None:
     from .keys import api_key_data
 
-    conn = _connect(_settings(args))
-    with db.transaction(conn):
-        key, revoked = db.update_api_key_in(
-            conn, args.org, args.id, {"is_active": 0}, now_ms(), _cli_actor()
+    async def work(store: Store) -> tuple[ApiKey | None, int]:
+        return await store.update_api_key(
+            args.org, args.id, {"is_active": 0}, now_ms(), _cli_actor()
         )
+
+    key, revoked = _with_store(_settings(args), work)
     if key is None:
         raise CliError(f"API key {args.id} not found in organization {args.org}")
     emit({**api_key_data(key), "revoked_sessions": revoked})
 
 
 def cmd_key_delete(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    with db.transaction(conn):
-        revoked = db.delete_api_key_in(conn, args.org, args.id, now_ms(), _cli_actor())
+    async def work(store: Store) -> int | None:
+        return await store.delete_api_key(args.org, args.id, now_ms(), _cli_actor())
+
+    revoked = _with_store(_settings(args), work)
     if revoked is None:
         raise CliError(f"API key {args.id} not found in organization {args.org}")
     emit({"id": args.id, "deleted": True, "revoked_sessions": revoked})
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    if not db.org_exists(conn, args.org):
-        raise CliError(f"organization {args.org} not found")
-    usage = db.key_usage(conn, args.org, now_ms())
-    keys = db.list_api_keys(conn, args.org)
+    async def work(store: Store) -> tuple[dict[int, dict[str, int]], list[ApiKey]]:
+        await _need_org(store, args.org)
+        return await store.key_usage(args.org, now_ms()), await store.list_api_keys(args.org)
+
+    usage, keys = _with_store(_settings(args), work)
     emit(
         [
             {
@@ -341,7 +368,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
                 "key_prefix": key.key_prefix,
                 "is_active": key.is_active,
                 "last_used_at": iso_from_ms(key.last_used_at),
-                **usage.get(key.id, db.NO_USAGE),
+                **usage.get(key.id, NO_USAGE),
             }
             for key in keys
         ]
@@ -349,10 +376,15 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_member_list(args: argparse.Namespace) -> None:
-    conn = _connect(_settings(args))
-    if not db.org_exists(conn, args.org):
-        raise CliError(f"organization {args.org} not found")
-    emit([_org_data(row) for row in db.list_members(conn, args.org)])
+    async def work(store: Store) -> list[Member]:
+        await _need_org(store, args.org)
+        return await store.list_members(args.org)
+
+    emit([_member_data(member) for member in _with_store(_settings(args), work)])
+
+
+async def _opened(store: Store) -> None:
+    """Nothing more: opening the store created or migrated it."""
 
 
 def uvicorn_log_config(level: str, log_format: str = "json") -> dict[str, Any]:
@@ -412,7 +444,7 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
         sockets = listen(server.host, server.port, server.workers)
         listener = None
         try:
-            _connect(settings).close()  # create or migrate once, before workers start
+            _with_store(settings, _opened)  # create or migrate once, before workers start
             listener = start_metrics_listener(settings.metrics, metrics_directory)
             if announce:
                 emit(
@@ -621,7 +653,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         )
     except config.ConfigError as exc:
         raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
-    except (OSError, sqlite3.Error, db.SchemaError) as exc:
+    except (OSError, SchemaError, StorageError) as exc:
         raise CliError(f"cannot prepare the demo in {args.dir}: {exc}") from None
     if args.no_serve:
         emit(info)

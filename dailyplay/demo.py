@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import http.server
 import json
@@ -12,9 +13,10 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -22,8 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import config
 from .clock import now_ms
-from .keys import issue_api_key
-from .storage import sqlite as db
+from .keys import new_api_key
+from .storage import Store, store_for
+from .storage.types import CLI, ApiKey
+
+T = TypeVar("T")
 
 DEMO_ORG_EXTERNAL_ID = "org_demo"
 DEMO_ADMIN = "user_demo_admin"
@@ -89,6 +94,15 @@ def write_config(settings: config.Settings, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+async def _with_open_store(settings: config.Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    store = store_for(settings.database)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
 def prepare_demo(
     directory: Path,
     host: str,
@@ -108,26 +122,24 @@ def prepare_demo(
     write_config(settings, config_path)
 
     now = now_ms()
-    conn = db.connect(settings.database)
-    with db.transaction(conn):
-        row = db.find_org_by_external_id(conn, DEMO_ORG_EXTERNAL_ID)
-        org_id = (
-            row["id"]
-            if row
-            else db.create_org(conn, "Demo Studio", "business", DEMO_ORG_EXTERNAL_ID, now)["id"]
+
+    async def make(store: Store) -> tuple[int, str, ApiKey]:
+        org = await store.find_org_by_external_id(DEMO_ORG_EXTERNAL_ID)
+        if org is None:
+            org = await store.create_org("Demo Studio", "business", DEMO_ORG_EXTERNAL_ID, now, CLI)
+        await store.set_org_tier(org.id, "business", now, CLI)
+        await store.upsert_member(org.id, DEMO_ADMIN, "admin", now, CLI)
+        raw_key, values = new_api_key(
+            org.id,
+            "demo key",
+            now,
+            description="made by dailyplay demo",
+            per_minute=60,
+            per_day=10_000,
         )
-        db.set_org_tier(conn, org_id, "business", now)
-        db.upsert_member(conn, org_id, DEMO_ADMIN, "admin", now)
-    raw_key, key_row = issue_api_key(
-        conn,
-        org_id,
-        "demo key",
-        now,
-        description="made by dailyplay demo",
-        per_minute=60,
-        per_day=10_000,
-    )
-    conn.close()
+        return org.id, raw_key, await store.insert_api_key(values, CLI)
+
+    org_id, raw_key, key_row = asyncio.run(_with_open_store(settings, make))
     bearer = _admin_bearer(private_key, now)
     url = f"http://{host}:{port}"
     game = f"http://{host}:{game_port}" if game_port else None

@@ -21,7 +21,6 @@ import hashlib
 import json
 import re
 import secrets
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -35,7 +34,6 @@ from . import inputs
 from .clock import MAX_MS, iso_from_ms, ms_from_iso
 from .errors import ApiError
 from .storage import Store
-from .storage.sqlite import CLI, insert_api_key
 from .storage.types import MUTABLE_KEY_COLUMNS, ApiKey, KeyState, NewApiKey
 
 KEY_PATTERN = re.compile(r"dpk_[0-9a-f]{40}")
@@ -189,8 +187,7 @@ def api_key_data(key: ApiKey) -> dict[str, Any]:
     }
 
 
-def issue_api_key(
-    conn: sqlite3.Connection,
+def new_api_key(
     org_id: int,
     name: str,
     now: int,
@@ -198,29 +195,15 @@ def issue_api_key(
     description: str | None = None,
     per_minute: int,
     per_day: int,
-) -> tuple[str, ApiKey]:
-    """A new key for org_id stored through a sync connection (the demo, the benchmark and test
-    set-up); returns the raw key, shown nowhere else, and the stored key."""
+) -> tuple[str, NewApiKey]:
+    """A new key for org_id with no allow-lists and no expiry (the demo's, the benchmark's, test
+    set-up's): the raw key, shown nowhere else, and what to store."""
     raw_key = generate_api_key()
-    key = insert_api_key(
-        conn,
-        NewApiKey(
-            org_id,
-            name,
-            description,
-            key_prefix(raw_key),
-            hash_api_key(raw_key),
-            None,
-            None,
-            per_minute,
-            per_day,
-            None,
-            now,
-            now,
-        ),
-        CLI,
-    )
-    return raw_key, key
+    values = NewApiKey(
+        org_id, name, description, key_prefix(raw_key), hash_api_key(raw_key),
+        None, None, per_minute, per_day, None, now, now,
+    )  # fmt: skip
+    return raw_key, values
 
 
 def is_well_formed(raw_key: str) -> bool:

@@ -27,13 +27,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .api import operation_name
 from .background import running
+from .operations import operation_name
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-# The `operation` label: the API's operations (api.operation_name), the other routes, and
+# The `operation` label: the API's operations (operations.operation_name), the other routes, and
 # "other" for anything else, so that no caller can make new label values (series) up.
 ROUTES = {
     "/": "index",

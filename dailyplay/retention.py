@@ -1,17 +1,16 @@
 """Retention: finished session tokens (consumed, expired, revoked) are deleted a configured
 number of days after they finished, by a background task in every server process and by
-`dailyplay purge`. Deletion goes in small batches, one short transaction each."""
+`dailyplay purge`, both through Store.purge_finished_sessions: in small batches, one short
+transaction each."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 
 from .background import log_failed_pass
 from .clock import DAY_MS, now_ms
 from .storage import Store
-from .storage import sqlite as db
 
 log = logging.getLogger("dailyplay.retention")
 
@@ -23,22 +22,6 @@ PASS_INTERVAL_SECONDS = 600.0
 def cutoff_ms(now_ms: int, days: int) -> int:
     """Tokens that finished before this instant are old enough to delete."""
     return now_ms - days * DAY_MS
-
-
-def purge(
-    conn: sqlite3.Connection, cutoff: int, *, dry_run: bool = False, batch: int = db.PURGE_BATCH
-) -> int:
-    """Delete (or with dry_run only count) tokens that finished before cutoff, batch by batch,
-    each batch its own transaction; returns how many."""
-    if dry_run:
-        return db.count_finished_sessions(conn, cutoff)
-    deleted = 0
-    while True:
-        with db.transaction(conn):
-            done = db.delete_finished_sessions(conn, cutoff, batch)
-        deleted += done
-        if done < batch:
-            return deleted
 
 
 async def run_retention(

@@ -184,7 +184,7 @@ def add_org(
 ) -> int:
     conn = db.connect(settings.database)
     with db.transaction(conn):
-        org_id = int(db.create_org(conn, name, tier, external_id, now_ms())["id"])
+        org_id = db.create_org(conn, name, tier, external_id, now_ms()).id
         for user, role in (members or {}).items():
             db.upsert_member(conn, org_id, user, role, now_ms())
     conn.close()
@@ -427,3 +427,13 @@ def cli_json(*args: str, **kwargs: Any) -> Any:
     result = run_cli(*args, **kwargs)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def issue_api_key(
+    conn: Any, org_id: int, name: str, now: int, *, per_minute: int, per_day: int
+) -> tuple[str, Any]:
+    """A key stored through a sync SQLite connection (test set-up): the raw key and the key."""
+    from dailyplay.keys import new_api_key
+
+    raw_key, values = new_api_key(org_id, name, now, per_minute=per_minute, per_day=per_day)
+    return raw_key, db.insert_api_key(conn, values, db.CLI)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from typing import Any
 
 import pytest
@@ -139,7 +140,7 @@ def test_bad_paging_is_a_clear_400(world: World, query: str, fragment: str) -> N
     assert_error(response, 400, fragment)
 
 
-def test_cli_changes_are_recorded_as_cli_and_audit_prints_them(tmp_path) -> None:
+def test_cli_changes_are_recorded_as_cli_with_the_os_user_and_audit_prints_them(tmp_path) -> None:
     env = {"DAILYPLAY_DATABASE_PATH": str(tmp_path / "a.db")}
     org = cli_json("org", "create", "--name", "Acme", env=env)["id"]
     cli_json("org", "set-tier", "--org", str(org), "--tier", "business", env=env)
@@ -155,7 +156,7 @@ def test_cli_changes_are_recorded_as_cli_and_audit_prints_them(tmp_path) -> None
         "org.tier_change",
         "org.create",
     ]
-    assert {e["actor"] for e in trail} == {"cli"}
+    assert {e["actor"] for e in trail} == {f"cli:{getpass.getuser()}"}
     assert trail[1]["changes"]["role"] == {"from": "admin", "to": "member"}
     assert trail[3]["changes"] == {"tier": {"from": "free", "to": "business"}}
     assert len(cli_json("audit", "--org", str(org), "--limit", "2", env=env)) == 2

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import SigningKey, add_org, claims_for
+from conftest import SigningKey, add_org, claims_for, issue_api_key
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status as EngineStatus
 from schemathesis.engine import events as engine_events
@@ -25,7 +25,6 @@ from schemathesis.python import asgi as schemathesis_asgi
 from dailyplay import config
 from dailyplay.app import create_app
 from dailyplay.clock import now_ms
-from dailyplay.keys import issue_api_key
 from dailyplay.storage import sqlite as db
 
 FIXED_SEED = 20261128

@@ -10,10 +10,9 @@ import time
 import uuid
 from typing import Any
 
-from conftest import API, World, add_org, assert_error, sql
+from conftest import API, World, add_org, assert_error, issue_api_key, sql
 
 from dailyplay import config
-from dailyplay.keys import issue_api_key
 from dailyplay.storage import sqlite as db
 from dailyplay.storage.sqlite.statements import key_state
 from dailyplay.storage.types import NewSession

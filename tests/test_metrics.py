@@ -18,6 +18,7 @@ from conftest import (
     World,
     add_org,
     free_port,
+    issue_api_key,
     run_cli,
     running_app,
     serve,
@@ -30,7 +31,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dailyplay import metrics as metrics_module
 from dailyplay.clock import now_ms
-from dailyplay.keys import issue_api_key
 from dailyplay.storage import sqlite as db
 
 
@@ -340,3 +340,18 @@ def test_tallied_observations_flush_to_exactly_what_direct_ones_give() -> None:
     expected = [(name, labels, pytest.approx(value)) for name, labels, value in samples(direct)]
     assert samples(tallied.commit_seconds) == expected
     assert samples(tallied.busy_retries) == samples(direct_waits)
+
+
+def test_every_operation_the_api_serves_has_its_own_name_and_no_other_is_named() -> None:
+    """Logs and metrics name operations from dailyplay.operations, routing from api.OPERATIONS:
+    the two agree, so no served operation is counted as "other" and no label is never used."""
+    from dailyplay.api import OPERATIONS
+    from dailyplay.operations import ACTIONS, KEY_MANAGEMENT, operation_name
+
+    assert set(OPERATIONS) == {*ACTIONS, None}
+    assert {operation_name(m, None) for m in OPERATIONS[None]} == set(KEY_MANAGEMENT.values())
+    for action, methods in OPERATIONS.items():
+        for method in methods:
+            assert operation_name(method, action) != "other", (method, action)
+    assert operation_name("GET", "no-such-action") == "other"
+    assert operation_name("PUT", None) == "other"

@@ -18,7 +18,7 @@ from conftest import add_a_page, add_org, cap_pages, cli_json, run_cli, sql
 from dailyplay import config
 from dailyplay.background import log_failed_pass
 from dailyplay.clock import DAY_MS, now_ms
-from dailyplay.retention import cutoff_ms, purge, run_retention
+from dailyplay.retention import cutoff_ms, run_retention
 from dailyplay.storage import sqlite as db
 from dailyplay.storage.sqlite import schema
 from dailyplay.storage.types import NewSession
@@ -79,15 +79,25 @@ KEPT = {"active", "expired lately", "consumed lately", "revoked lately"}
 def test_purge_deletes_what_finished_before_the_cutoff_and_nothing_else(
     settings: config.Settings, states: dict[str, bytes]
 ) -> None:
-    conn = db.connect(settings.database)
-    try:
-        assert purge(conn, cutoff_ms(NOW, 30), dry_run=True) == 3
-        assert len(_remaining(settings, states)) == 7
-        commits: list[str] = []
-        conn.set_trace_callback(lambda s: commits.append(s) if s == "COMMIT" else None)
-        assert purge(conn, cutoff_ms(NOW, 30), batch=2) == 3
-    finally:
-        conn.close()
+    commits: list[str] = []
+
+    async def main() -> None:
+        database = db.Database(settings.database)
+        await database.open()
+        try:
+            assert await database.count_finished_sessions(cutoff_ms(NOW, 30)) == 3
+            assert len(_remaining(settings, states)) == 7
+            await database.run_on_writer(
+                lambda conn: conn.set_trace_callback(
+                    lambda s: commits.append(s) if s == "COMMIT" else None
+                )
+            )
+            assert await database.purge_finished_sessions(cutoff_ms(NOW, 30), batch=2) == 3
+            await database.run_on_writer(lambda conn: conn.set_trace_callback(None))
+        finally:
+            await database.close()
+
+    asyncio.run(main())
     assert _remaining(settings, states) == KEPT
     assert len(commits) == 2  # batches of 2: two transactions, none holding the lock for all
 

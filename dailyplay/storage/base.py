@@ -18,9 +18,11 @@ from .types import (
     ApiKey,
     AuditEntry,
     KeyState,
+    Member,
     NewApiKey,
     NewSession,
     Org,
+    OrgListing,
     Session,
 )
 
@@ -39,6 +41,10 @@ class Store(Protocol):
     def schema_version(self) -> int:
         """The database's schema version as it is now."""
 
+    def describe(self) -> dict[str, Any]:
+        """What `dailyplay init-db` reports: where the database is, its schema version, and
+        facts of the engine's own."""
+
     def seconds_since_full(self) -> float | None:
         """Seconds since a write was last refused for want of space; None if none was."""
 
@@ -48,6 +54,29 @@ class Store(Protocol):
     # --- organizations and keys ---------------------------------------------------------------
 
     async def get_org(self, org_id: int) -> Org | None: ...
+
+    async def list_orgs(self) -> list[OrgListing]: ...
+
+    async def find_org_by_external_id(self, external_id: str) -> Org | None: ...
+
+    async def create_org(
+        self, name: str, tier: str, external_id: str | None, now: int, by: Actor
+    ) -> Org:
+        """A new organization with its audit entry; Duplicate when its external id is taken."""
+
+    async def set_org_tier(self, org_id: int, tier: str, now: int, by: Actor) -> Org | None:
+        """The org with its new tier (audited when it changed); None when there is no such org."""
+
+    async def upsert_member(
+        self, org_id: int, user_id: str, role: str, now: int, by: Actor
+    ) -> Member | None:
+        """Add a member or change their role (audited); None when there is no such org."""
+
+    async def delete_member(self, org_id: int, user_id: str, now: int, by: Actor) -> bool:
+        """Remove a member (audited); False when they were not one."""
+
+    async def list_members(self, org_id: int) -> list[Member]:
+        """The org's members by user id."""
 
     async def get_member_role(self, org_id: int, user_id: str) -> str | None:
         """'admin' or 'member' when org_members lists the user for the org; else None."""
@@ -112,6 +141,9 @@ class Store(Protocol):
         """Mark an active token that has not expired by `now` consumed, atomically: of any
         number of concurrent callers, in any process, exactly one gets the session; the others
         (and every later caller) get None."""
+
+    async def count_finished_sessions(self, cutoff: int) -> int:
+        """How many tokens finished before cutoff (what a purge would delete)."""
 
     async def purge_finished_sessions(self, cutoff: int, batch: int = ...) -> int:
         """Delete tokens that finished (expired, consumed, revoked) before cutoff, in bounded

@@ -16,6 +16,10 @@ class SchemaError(RuntimeError):
     """The database file's schema is newer than this program, or cannot be migrated."""
 
 
+class Duplicate(Exception):
+    """What was to be stored clashes with what is stored (an organization's external id)."""
+
+
 class StorageError(Exception):
     """The storage could not do what was asked, for now; a write was not stored. The message is
     the engine's own description, for logs."""

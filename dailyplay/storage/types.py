@@ -96,6 +96,24 @@ class Org:
     name: str
     tier: str  # free or business
     external_id: str | None  # the Clerk organization id, when it has one
+    created_at: int
+
+
+@dataclass(frozen=True)
+class OrgListing:
+    """An organization with how many members and API keys it has."""
+
+    org: Org
+    members: int
+    api_keys: int
+
+
+@dataclass(frozen=True)
+class Member:
+    org_id: int
+    user_id: str  # the Clerk user id (a JWT's sub)
+    role: str  # admin or member
+    created_at: int
 
 
 class NewApiKey(NamedTuple):

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ...clock import HOUR_MS
+from ..errors import Duplicate
 from ..types import (
     CLI,
     MUTABLE_KEY_COLUMNS,
@@ -14,16 +15,21 @@ from ..types import (
     Actor,
     ApiKey,
     AuditEntry,
+    Member,
     NewApiKey,
+    Org,
+    OrgListing,
 )
 from .statements import (
     API_KEY_COLUMNS,
     AUDIT_COLUMNS,
     INSERT_API_KEY,
     INSERT_SESSION,
+    ORG_COLUMNS,
     REVOKE_KEY_SESSIONS,
     api_key,
     audit_record,
+    org,
     record_audit,
 )
 
@@ -38,46 +44,57 @@ def create_org(
     external_id: str | None,
     now: int,
     by: Actor = CLI,
-) -> sqlite3.Row:
-    row: sqlite3.Row = conn.execute(
-        "INSERT INTO orgs (name, tier, external_id, created_at) VALUES (?, ?, ?, ?)"
-        " RETURNING id, name, tier, external_id, created_at",
-        (name, tier, external_id, now),
-    ).fetchone()
+) -> Org:
+    """A new organization, with its audit entry, in the caller's transaction; Duplicate when
+    another has the same external id."""
+    try:
+        row: sqlite3.Row = conn.execute(
+            "INSERT INTO orgs (name, tier, external_id, created_at) VALUES (?, ?, ?, ?)"
+            f" RETURNING {ORG_COLUMNS}",
+            (name, tier, external_id, now),
+        ).fetchone()
+    except sqlite3.IntegrityError:
+        raise Duplicate(
+            f"an organization with external id {external_id!r} already exists"
+        ) from None
     changes = {k: {"from": None, "to": row[k]} for k in ("name", "tier", "external_id")}
     record_audit(conn, now, row["id"], by, "org.create", None, changes)
-    return row
+    return org(row)
 
 
-def list_orgs(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return conn.execute(
+def list_orgs(conn: sqlite3.Connection) -> list[OrgListing]:
+    rows = conn.execute(
         "SELECT o.id, o.name, o.tier, o.external_id, o.created_at,"
         " (SELECT count(*) FROM org_members m WHERE m.org_id = o.id) AS members,"
         " (SELECT count(*) FROM api_keys k WHERE k.org_id = o.id) AS api_keys"
         " FROM orgs o ORDER BY o.id"
     ).fetchall()
+    return [OrgListing(org(row), row["members"], row["api_keys"]) for row in rows]
 
 
-def find_org_by_external_id(conn: sqlite3.Connection, external_id: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
-        "SELECT id, name, tier, external_id, created_at FROM orgs WHERE external_id = ?",
-        (external_id,),
+def get_org(conn: sqlite3.Connection, org_id: int) -> Org | None:
+    row = conn.execute(f"SELECT {ORG_COLUMNS} FROM orgs WHERE id = ?", (org_id,)).fetchone()
+    return None if row is None else org(row)
+
+
+def find_org_by_external_id(conn: sqlite3.Connection, external_id: str) -> Org | None:
+    row = conn.execute(
+        f"SELECT {ORG_COLUMNS} FROM orgs WHERE external_id = ?", (external_id,)
     ).fetchone()
-    return row
+    return None if row is None else org(row)
 
 
 def set_org_tier(
     conn: sqlite3.Connection, org_id: int, tier: str, now: int, by: Actor = CLI
-) -> sqlite3.Row | None:
+) -> Org | None:
     before = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
     row: sqlite3.Row | None = conn.execute(
-        "UPDATE orgs SET tier = ? WHERE id = ? RETURNING id, name, tier, external_id, created_at",
-        (tier, org_id),
+        f"UPDATE orgs SET tier = ? WHERE id = ? RETURNING {ORG_COLUMNS}", (tier, org_id)
     ).fetchone()
     if row is not None and before["tier"] != tier:
         changes = {"tier": {"from": before["tier"], "to": tier}}
         record_audit(conn, now, org_id, by, "org.tier_change", None, changes)
-    return row
+    return None if row is None else org(row)
 
 
 def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
@@ -92,7 +109,7 @@ def org_tier(conn: sqlite3.Connection, org_id: int) -> str | None:
 
 def upsert_member(
     conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int, by: Actor = CLI
-) -> sqlite3.Row:
+) -> Member:
     before = conn.execute(
         "SELECT role FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
     ).fetchone()
@@ -109,7 +126,7 @@ def upsert_member(
         " RETURNING org_id, user_id, role, created_at",
         (org_id, user_id, role, now),
     ).fetchone()
-    return row
+    return Member(row["org_id"], row["user_id"], row["role"], row["created_at"])
 
 
 def delete_member(
@@ -129,12 +146,13 @@ def delete_member(
     return removed is not None
 
 
-def list_members(conn: sqlite3.Connection, org_id: int) -> list[sqlite3.Row]:
-    return conn.execute(
+def list_members(conn: sqlite3.Connection, org_id: int) -> list[Member]:
+    rows = conn.execute(
         "SELECT org_id, user_id, role, created_at FROM org_members WHERE org_id = ?"
         " ORDER BY user_id",
         (org_id,),
     ).fetchall()
+    return [Member(r["org_id"], r["user_id"], r["role"], r["created_at"]) for r in rows]
 
 
 def update_api_key_in(

@@ -117,11 +117,17 @@ def _open(
     return conn
 
 
-def connect(settings: DatabaseSettings, *, migrate_schema: bool = True) -> sqlite3.Connection:
-    """A synchronous connection (autocommit; use `transaction`) with the schema current."""
+def check_directory(settings: DatabaseSettings) -> None:
+    """SchemaError unless the database file's directory exists (SQLite would make the file,
+    not the directory)."""
     path = Path(settings.path)
     if path.parent and not path.parent.exists():
         raise SchemaError(f"database directory does not exist: {path.parent}")
+
+
+def connect(settings: DatabaseSettings, *, migrate_schema: bool = True) -> sqlite3.Connection:
+    """A synchronous connection (autocommit; use `transaction`) with the schema current."""
+    check_directory(settings)
     conn = _open(settings)
     if migrate_schema:
         migrate(conn)

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from typing import Any
 
-from ..types import Actor, ApiKey, AuditEntry, KeyState
+from ..types import Actor, ApiKey, AuditEntry, KeyState, Org
 
 AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
 
@@ -98,6 +98,14 @@ def key_state(row: sqlite3.Row) -> KeyState:
         expires_at=row["expires_at"],
         tier=row["tier"],
     )
+
+
+ORG_COLUMNS = "id, name, tier, external_id, created_at"
+
+
+def org(row: sqlite3.Row) -> Org:
+    """A row of ORG_COLUMNS, parsed."""
+    return Org(row["id"], row["name"], row["tier"], row["external_id"], row["created_at"])
 
 
 def api_key(row: sqlite3.Row) -> ApiKey:

@@ -7,19 +7,41 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ...config import DatabaseSettings
-from ..types import Actor, ApiKey, AuditEntry, KeyState, NewApiKey, NewSession, Org, Session
+from ..errors import StorageUnavailable
+from ..types import (
+    Actor,
+    ApiKey,
+    AuditEntry,
+    KeyState,
+    Member,
+    NewApiKey,
+    NewSession,
+    Org,
+    OrgListing,
+    Session,
+)
 from .admin import (
     PURGE_BATCH,
+    count_finished_sessions,
+    create_org,
     delete_api_key_in,
     delete_finished_sessions,
+    delete_member,
+    find_org_by_external_id,
+    get_org,
     insert_api_key,
     key_usage,
     list_api_keys,
     list_audit,
+    list_members,
+    list_orgs,
+    set_org_tier,
     update_api_key_in,
+    upsert_member,
 )
 from .engine import (
     READER_BUSY_TIMEOUT_MS,
@@ -30,7 +52,7 @@ from .engine import (
     _checkpoint_and_close,
     _Write,
 )
-from .schema import _open, connect, reraise
+from .schema import _open, check_directory, connect, reraise
 from .statements import GET_SESSION, KEY_STATE, key_state
 
 T = TypeVar("T")
@@ -70,8 +92,15 @@ class Database:
 
     async def open(self) -> None:
         """Migrate the file, then open the writer (on its thread) and the read-only connection."""
+        check_directory(self.settings)
+        try:
+            lock = WriterLock(self.settings.path)
+        except OSError as exc:
+            raise StorageUnavailable(
+                f"cannot open {self.settings.path}-writer.lock: {exc.strerror}"
+            ) from exc
         self._writer_thread = WriterThread(
-            WriterLock(self.settings.path), self._committed, self._observe_commit, self.note_full
+            lock, self._committed, self._observe_commit, self.note_full
         )
         self._writer_thread.start()
         try:
@@ -85,7 +114,22 @@ class Database:
             raise
         self._checkpointer = Checkpointer(self.settings, self._writer_thread.finish_checkpoint)
         self._checkpointer.start()
-        self._reader = _open(self.settings, read_only=True, busy_timeout_ms=READER_BUSY_TIMEOUT_MS)
+        try:
+            self._reader = _open(
+                self.settings, read_only=True, busy_timeout_ms=READER_BUSY_TIMEOUT_MS
+            )
+        except sqlite3.Error as exc:
+            await self.close()
+            reraise(exc)
+
+    def describe(self) -> dict[str, Any]:
+        """What init-db reports: the database file, its schema version and journal mode."""
+        mode = self._read_with(lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0])
+        return {
+            "database": str(Path(self.settings.path).resolve()),
+            "schema_version": self.schema_version(),
+            "journal_mode": mode,
+        }
 
     async def close(self) -> None:
         """Finish queued writes, checkpoint the WAL into the main file, close both connections."""
@@ -239,6 +283,10 @@ class Database:
 
     # --- retention -------------------------------------------------------------------------------
 
+    async def count_finished_sessions(self, cutoff: int) -> int:
+        """How many tokens finished before cutoff (what a purge would delete)."""
+        return self._read_with(count_finished_sessions, cutoff)
+
     async def purge_finished_sessions(self, cutoff: int, batch: int = PURGE_BATCH) -> int:
         """Delete tokens that finished before cutoff, `batch` per transaction, so that each
         holds the write lock briefly and other writes run in between; returns how many."""
@@ -254,8 +302,41 @@ class Database:
     # --- organizations -------------------------------------------------------------------------
 
     async def get_org(self, org_id: int) -> Org | None:
-        row = self._read_one("SELECT id, name, tier, external_id FROM orgs WHERE id = ?", (org_id,))
-        return None if row is None else Org(row["id"], row["name"], row["tier"], row["external_id"])
+        return self._read_with(get_org, org_id)
+
+    async def list_orgs(self) -> list[OrgListing]:
+        return self._read_with(list_orgs)
+
+    async def find_org_by_external_id(self, external_id: str) -> Org | None:
+        return self._read_with(find_org_by_external_id, external_id)
+
+    async def create_org(
+        self, name: str, tier: str, external_id: str | None, now: int, by: Actor
+    ) -> Org:
+        return await self._in_transaction(
+            lambda conn: create_org(conn, name, tier, external_id, now, by)
+        )
+
+    async def set_org_tier(self, org_id: int, tier: str, now: int, by: Actor) -> Org | None:
+        return await self._in_transaction(lambda conn: set_org_tier(conn, org_id, tier, now, by))
+
+    async def upsert_member(
+        self, org_id: int, user_id: str, role: str, now: int, by: Actor
+    ) -> Member | None:
+        def work(conn: sqlite3.Connection) -> Member | None:
+            if get_org(conn, org_id) is None:
+                return None
+            return upsert_member(conn, org_id, user_id, role, now, by)
+
+        return await self._in_transaction(work)
+
+    async def delete_member(self, org_id: int, user_id: str, now: int, by: Actor) -> bool:
+        return await self._in_transaction(
+            lambda conn: delete_member(conn, org_id, user_id, now, by)
+        )
+
+    async def list_members(self, org_id: int) -> list[Member]:
+        return self._read_with(list_members, org_id)
 
     async def get_member_role(self, org_id: int, user_id: str) -> str | None:
         row = self._read_one(
