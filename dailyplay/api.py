@@ -165,8 +165,9 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
     """The x-api-key's row, checked (401/403) and counted against its limits (429).
 
     A reading of the row remembered from an earlier request is used when it admits the
-    request; the admission is confirmed when the token is inserted (db.KeyChanged). Anything it
-    would refuse is decided again on the current row, so that old state never refuses.
+    request; the admission is confirmed when the token is inserted (KeyChanged otherwise).
+    Anything it would refuse is decided again on the current row, so that old state never
+    refuses.
     """
     raw = inputs.header(request.scope, b"x-api-key")
     if not raw:

@@ -8,8 +8,8 @@ of the raw key maps to the key id in memory.
 What a key may do (active, expiry, allow-lists, limits, its org's tier) is its row, remembered
 between requests in `KeyStates`. Revocation, deletion, expiry and every other change still take
 effect at once in every worker: a token is inserted only if the key's row is unchanged inside
-the inserting transaction (`db.KeyChanged` otherwise), and a request refused on a remembered
-reading is decided again on a fresh one before the refusal is sent.
+the inserting transaction (`storage.errors.KeyChanged` otherwise), and a request refused on a
+remembered reading is decided again on a fresh one before the refusal is sent.
 """
 
 from __future__ import annotations
