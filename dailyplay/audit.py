@@ -1,13 +1,75 @@
-"""The audit trail as the API and the CLI show it."""
+"""The audit trail: what each change records (engines store it in the change's transaction)
+and how the API and the CLI show it. Changes are recorded in stored forms, column -> {"from":
+..., "to": ...}; a value that did not change is not recorded."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .clock import iso_from_ms
-from .storage.types import AuditEntry
+from .storage.types import AuditEntry, NewApiKey
+
+Changes = dict[str, dict[str, Any]]
+
+# A new key's settings, as its creation records them.
+KEY_SETTINGS = (
+    "name",
+    "description",
+    "allowed_game_ids",
+    "allowed_stream_ids",
+    "rate_limit_per_minute",
+    "rate_limit_per_day",
+    "expires_at",
+)
+
+
+def org_created(name: str, tier: str, external_id: str | None) -> Changes:
+    return {
+        "name": {"from": None, "to": name},
+        "tier": {"from": None, "to": tier},
+        "external_id": {"from": None, "to": external_id},
+    }
+
+
+def tier_changed(before: str, after: str) -> Changes | None:
+    """None when the tier stays what it was (nothing to record)."""
+    return None if before == after else {"tier": {"from": before, "to": after}}
+
+
+def membership_changed(user_id: str, before: str | None, role: str) -> tuple[str, Changes] | None:
+    """(action, changes) for giving user_id `role` where they had `before` (None: not a
+    member); None when nothing changes."""
+    if before == role:
+        return None
+    action = "member.add" if before is None else "member.role_change"
+    return action, {
+        "user_id": {"from": None if before is None else user_id, "to": user_id},
+        "role": {"from": before, "to": role},
+    }
+
+
+def member_removed(user_id: str, role: str) -> Changes:
+    return {"user_id": {"from": user_id, "to": None}, "role": {"from": role, "to": None}}
+
+
+def key_created(values: NewApiKey) -> Changes:
+    return {column: {"from": None, "to": getattr(values, column)} for column in KEY_SETTINGS}
+
+
+def key_updated(before: Mapping[str, Any], changes: Mapping[str, Any]) -> tuple[str, Changes]:
+    """(action, changes) for applying changes (stored forms) to a key stored as `before`:
+    api_key.revoke or api_key.reactivate when is_active changes, else api_key.update."""
+    diff = {
+        column: {"from": before[column], "to": value}
+        for column, value in changes.items()
+        if before[column] != value
+    }
+    action = "api_key.update"
+    if "is_active" in diff:
+        action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
+    return action, diff
 
 
 def json_list(text: str | None) -> list[int] | None:

@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
+from ... import audit
 from ...clock import HOUR_MS
 from ..errors import Duplicate
 from ..types import (
@@ -57,7 +58,7 @@ def create_org(
         raise Duplicate(
             f"an organization with external id {external_id!r} already exists"
         ) from None
-    changes = {k: {"from": None, "to": row[k]} for k in ("name", "tier", "external_id")}
+    changes = audit.org_created(name, tier, external_id)
     record_audit(conn, now, row["id"], by, "org.create", None, changes)
     return org(row)
 
@@ -91,8 +92,8 @@ def set_org_tier(
     row: sqlite3.Row | None = conn.execute(
         f"UPDATE orgs SET tier = ? WHERE id = ? RETURNING {ORG_COLUMNS}", (tier, org_id)
     ).fetchone()
-    if row is not None and before["tier"] != tier:
-        changes = {"tier": {"from": before["tier"], "to": tier}}
+    changes = None if row is None else audit.tier_changed(before["tier"], tier)
+    if changes is not None:
         record_audit(conn, now, org_id, by, "org.tier_change", None, changes)
     return None if row is None else org(row)
 
@@ -113,13 +114,9 @@ def upsert_member(
     before = conn.execute(
         "SELECT role FROM org_members WHERE org_id = ? AND user_id = ?", (org_id, user_id)
     ).fetchone()
-    if before is None or before["role"] != role:
-        action = "member.add" if before is None else "member.role_change"
-        changes = {
-            "user_id": {"from": None if before is None else user_id, "to": user_id},
-            "role": {"from": None if before is None else before["role"], "to": role},
-        }
-        record_audit(conn, now, org_id, by, action, None, changes)
+    change = audit.membership_changed(user_id, None if before is None else before["role"], role)
+    if change is not None:
+        record_audit(conn, now, org_id, by, change[0], None, change[1])
     row: sqlite3.Row = conn.execute(
         "INSERT INTO org_members (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role"
@@ -138,10 +135,7 @@ def delete_member(
     )
     removed = cursor.fetchone()
     if removed is not None:
-        changes = {
-            "user_id": {"from": user_id, "to": None},
-            "role": {"from": removed["role"], "to": None},
-        }
+        changes = audit.member_removed(user_id, removed["role"])
         record_audit(conn, now, org_id, by, "member.remove", None, changes)
     return removed is not None
 
@@ -184,14 +178,7 @@ def update_api_key_in(
     revoked = 0
     if changes.get("is_active") == 0:
         revoked = conn.execute(REVOKE_KEY_SESSIONS, (now, key_id, now)).rowcount
-    diff = {
-        column: {"from": before[column], "to": value}
-        for column, value in changes.items()
-        if before[column] != value
-    }
-    action = "api_key.update"
-    if "is_active" in diff:
-        action = "api_key.reactivate" if changes["is_active"] else "api_key.revoke"
+    action, diff = audit.key_updated(before, changes)
     record_audit(conn, now, org_id, by, action, key_id, diff)
     return api_key(row), revoked
 
@@ -216,12 +203,7 @@ def delete_api_key_in(
 def insert_api_key(conn: sqlite3.Connection, values: NewApiKey, by: Actor) -> ApiKey:
     """Insert one key and its audit entry, in the caller's transaction."""
     row: sqlite3.Row = conn.execute(INSERT_API_KEY, values).fetchone()
-    settings = {
-        column: row[column]
-        for column in ("name", "description", "allowed_game_ids", "allowed_stream_ids",
-                       "rate_limit_per_minute", "rate_limit_per_day", "expires_at")
-    }  # fmt: skip
-    changes = {column: {"from": None, "to": value} for column, value in settings.items()}
+    changes = audit.key_created(values)
     record_audit(conn, row["created_at"], row["org_id"], by, "api_key.create", row["id"], changes)
     return api_key(row)
 
