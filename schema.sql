@@ -1,5 +1,5 @@
 -- DailyPlay schema, version 2 (the whole schema: a new database gets it in one step; older files
--- are brought here by the later steps in dailyplay/db.py MIGRATIONS).
+-- are brought here by the later steps of MIGRATIONS in dailyplay/storage/sqlite/schema.py).
 -- Applied by `dailyplay init-db` and at server start inside one BEGIN IMMEDIATE transaction,
 -- together with `PRAGMA user_version`. Times are integer milliseconds since the Unix epoch, UTC.
 
