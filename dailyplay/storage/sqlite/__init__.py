@@ -3,9 +3,12 @@
 - `store.Database`: the server's named async operations. Writes go through group commits on one
   writer thread (`engine`), ordered across processes by a file lock; reads run on the event loop
   through a read-only connection; a thread of its own checkpoints the WAL.
-- `admin`: the same data through synchronous operations on a plain connection, for the CLI.
-- `schema`: the schema, its migrations, connections and their PRAGMAs, SQLite's error codes.
-- `statements`: the SQL the server and the CLI share.
+- `admin`: synchronous operations on a plain connection, which `store` runs inside its
+  transactions (and test set-up and the benchmark's seeding call directly).
+- `schema`: the schema, its migrations, connections and their PRAGMAs, and the translation of
+  SQLite's errors into the storage layer's.
+- `statements`: the SQL they share, and the parsing of its rows into the storage types.
+- `backup`: a consistent copy of the file, live or not (`dailyplay backup`).
 """
 
 from ..errors import KeyChanged, SchemaError

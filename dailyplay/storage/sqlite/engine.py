@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
@@ -23,7 +23,6 @@ from ..types import KeyState, Session
 from .schema import _open, checkpoint, checkpoint_to_start_over, is_full, translated
 from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW, key_state
 
-T = TypeVar("T")
 log = logging.getLogger("dailyplay.db")
 
 # Most writes one group commit may carry (they share one transaction and one fsync).

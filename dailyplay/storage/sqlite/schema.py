@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 from ...config import DatabaseSettings
 from ..errors import SchemaError, StorageBusy, StorageError, StorageFull, StorageUnavailable
-
-T = TypeVar("T")
-log = logging.getLogger("dailyplay.db")
 
 SCHEMA_FILE = "schema.sql"
 
