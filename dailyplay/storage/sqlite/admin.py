@@ -98,16 +98,6 @@ def set_org_tier(
     return None if row is None else org(row)
 
 
-def org_exists(conn: sqlite3.Connection, org_id: int) -> bool:
-    return conn.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,)).fetchone() is not None
-
-
-def org_tier(conn: sqlite3.Connection, org_id: int) -> str | None:
-    """The org's tier, or None if there is no such org."""
-    row = conn.execute("SELECT tier FROM orgs WHERE id = ?", (org_id,)).fetchone()
-    return None if row is None else str(row[0])
-
-
 def upsert_member(
     conn: sqlite3.Connection, org_id: int, user_id: str, role: str, now: int, by: Actor = CLI
 ) -> Member:
