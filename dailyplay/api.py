@@ -45,7 +45,7 @@ from .ratelimit import (
 from .responses import JsonResponse, raw_json
 from .storage import Store
 from .storage.errors import KeyChanged
-from .storage.types import MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, KeyState, NewSession
+from .storage.types import KEY_SETTINGS, MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, KeyState, NewSession
 from .tokens import new_session_token
 
 log = logging.getLogger("dailyplay.api")
@@ -433,16 +433,7 @@ async def list_api_keys(services: Services, request: Request, params: dict[str, 
     return ok([{**api_key_data(key), "usage": usage.get(key.id, NO_USAGE)} for key in keys])
 
 
-CREATE_KEY_FIELDS = (
-    "org_id",
-    "name",
-    "description",
-    "allowed_game_ids",
-    "allowed_stream_ids",
-    "rate_limit_per_minute",
-    "rate_limit_per_day",
-    "expires_at",
-)
+CREATE_KEY_FIELDS = ("org_id", *KEY_SETTINGS)
 
 
 async def create_api_key(services: Services, request: Request, params: dict[str, str]) -> Response:

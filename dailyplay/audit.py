@@ -4,25 +4,13 @@ and how the API and the CLI show it. Changes are recorded in stored forms, colum
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .clock import iso_from_ms
-from .storage.types import AuditEntry, NewApiKey
+from .storage.types import KEY_SETTINGS, AuditEntry, NewApiKey, allow_list
 
 Changes = dict[str, dict[str, Any]]
-
-# A new key's settings, as its creation records them.
-KEY_SETTINGS = (
-    "name",
-    "description",
-    "allowed_game_ids",
-    "allowed_stream_ids",
-    "rate_limit_per_minute",
-    "rate_limit_per_day",
-    "expires_at",
-)
 
 
 def org_created(name: str, tier: str, external_id: str | None) -> Changes:
@@ -72,17 +60,12 @@ def key_updated(before: Mapping[str, Any], changes: Mapping[str, Any]) -> tuple[
     return action, diff
 
 
-def json_list(text: str | None) -> list[int] | None:
-    """An allow-list column (JSON array text, or NULL for no list) as a list."""
-    return None if text is None else json.loads(text)
-
-
 # An API key's columns whose stored form differs from the API's (keys.api_key_data): audit
 # changes are kept as stored and shown as the API shows the key.
 _API_FORM: dict[str, Callable[[Any], Any]] = {
     "is_active": bool,
-    "allowed_game_ids": json_list,
-    "allowed_stream_ids": json_list,
+    "allowed_game_ids": allow_list,
+    "allowed_stream_ids": allow_list,
     "expires_at": iso_from_ms,
 }
 

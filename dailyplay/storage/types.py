@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-# The API key columns an update may change (keys.key_changes gives their stored forms).
-MUTABLE_KEY_COLUMNS = frozenset(
-    {
-        "name",
-        "description",
-        "is_active",
-        "allowed_game_ids",
-        "allowed_stream_ids",
-        "rate_limit_per_minute",
-        "rate_limit_per_day",
-        "expires_at",
-    }
+# A key's settings: what a create request gives and its audit entry records.
+KEY_SETTINGS = (
+    "name",
+    "description",
+    "allowed_game_ids",
+    "allowed_stream_ids",
+    "rate_limit_per_minute",
+    "rate_limit_per_day",
+    "expires_at",
 )
+# The API key columns an update may change (keys.key_changes gives their stored forms).
+MUTABLE_KEY_COLUMNS = frozenset({*KEY_SETTINGS, "is_active"})
+
+
+def allow_list(text: str | None) -> list[int] | None:
+    """An allow-list as stored (JSON array text, or None for no list) as a list."""
+    return None if text is None else json.loads(text)
+
 
 # What key usage reports per key, in this order.
 USAGE_FIELDS = (

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from typing import Any
 
-from ..types import Actor, ApiKey, AuditEntry, KeyState, Org
+from ..types import Actor, ApiKey, AuditEntry, KeyState, Org, allow_list
 
 AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
 
@@ -79,11 +79,6 @@ KEY_STATE = (
 )
 
 
-def id_list(text: str | None) -> list[int] | None:
-    """An allow-list column (JSON array text, or NULL for no list) as a list."""
-    return None if text is None else json.loads(text)
-
-
 def key_state(row: sqlite3.Row) -> KeyState:
     """A KEY_STATE row, parsed."""
     return KeyState(
@@ -91,8 +86,8 @@ def key_state(row: sqlite3.Row) -> KeyState:
         org_id=row["org_id"],
         key_hash=row["key_hash"],
         is_active=bool(row["is_active"]),
-        allowed_game_ids=id_list(row["allowed_game_ids"]),
-        allowed_stream_ids=id_list(row["allowed_stream_ids"]),
+        allowed_game_ids=allow_list(row["allowed_game_ids"]),
+        allowed_stream_ids=allow_list(row["allowed_stream_ids"]),
         rate_limit_per_minute=row["rate_limit_per_minute"],
         rate_limit_per_day=row["rate_limit_per_day"],
         expires_at=row["expires_at"],
@@ -117,8 +112,8 @@ def api_key(row: sqlite3.Row) -> ApiKey:
         description=row["description"],
         key_prefix=row["key_prefix"],
         is_active=bool(row["is_active"]),
-        allowed_game_ids=id_list(row["allowed_game_ids"]),
-        allowed_stream_ids=id_list(row["allowed_stream_ids"]),
+        allowed_game_ids=allow_list(row["allowed_game_ids"]),
+        allowed_stream_ids=allow_list(row["allowed_stream_ids"]),
         rate_limit_per_minute=row["rate_limit_per_minute"],
         rate_limit_per_day=row["rate_limit_per_day"],
         expires_at=row["expires_at"],
