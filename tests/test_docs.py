@@ -12,13 +12,21 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import API, free_port, require, run_cli, running_demo, stop
+from conftest import (
+    API,
+    Server,
+    free_port,
+    require,
+    run_cli,
+    running_demo,
+    stop,
+    wait_until_serving,
+)
 
 from dailyplay import cli, config
 
@@ -71,6 +79,31 @@ def commands(block: str) -> list[list[str]]:
             else:
                 current.append(word)
     return found
+
+
+def shell_env(**extra: str) -> dict[str, str]:
+    """This environment without DAILYPLAY_* settings, this Python's commands (`dailyplay`)
+    first on PATH, plus extra: what a user who installed it and pastes the docs has."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
+
+
+def shell(
+    script: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """script run by bash as a pasted example is: stopping at the first failing command."""
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -224,23 +257,11 @@ def test_running_it_for_real_works_as_the_readme_writes_it(tmp_path: Path) -> No
     assert "dailyplay serve" in block
     shutil.copy(ROOT / "config.toml", tmp_path / "config.toml")
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")},
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DAILYPLAY_SERVER_PORT": str(port),
-    }
+    env = shell_env(DAILYPLAY_SERVER_PORT=str(port))
     lines = [line for line in block.splitlines() if not line.startswith("pip install")]
     serve_line = lines.pop()
     assert serve_line.startswith("dailyplay serve")
-    ran = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    ran = shell("\n".join(lines), env, tmp_path, timeout=120)
     assert ran.returncode == 0, ran.stderr
     assert (tmp_path / "dailyplay.db").exists()
     with (tmp_path / "serve.log").open("wb") as log:
@@ -253,25 +274,10 @@ def test_running_it_for_real_works_as_the_readme_writes_it(tmp_path: Path) -> No
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, read(tmp_path / "serve.log")
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, read(tmp_path / "serve.log")
-                time.sleep(0.2)
+        wait_until_serving(Server(server, f"http://127.0.0.1:{port}", tmp_path / "serve.log"))
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
         assert ready.status_code == 200, ready.text
-        made = subprocess.run(
-            ["bash", "-c", 'dailyplay key create --org 1 --name "Shop"'],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        made = shell('dailyplay key create --org 1 --name "Shop"', env, tmp_path)
         assert made.returncode == 0, made.stderr
         key = json.loads(made.stdout)["key"]
         created = httpx.post(
@@ -282,15 +288,8 @@ def test_running_it_for_real_works_as_the_readme_writes_it(tmp_path: Path) -> No
         assert created.status_code == 200, created.text
     finally:
         stop(server)
-    members = subprocess.run(
-        ["bash", "-c", "dailyplay member list --org 1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    members = shell("dailyplay member list --org 1", env, tmp_path)
+    assert members.returncode == 0, members.stderr
     assert "user_2xyz" in members.stdout
 
 
@@ -301,12 +300,7 @@ def test_the_curl_examples_work_against_a_demo(tmp_path: Path) -> None:
     it prints is a success."""
     require("curl", shutil.which("curl") is not None, "apt-get install curl (.ci/run does)")
     with running_demo(tmp_path, game=False) as (_process, info):
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")},
-            **info["env"],
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DAILYPLAY_CONFIG": str(tmp_path / "demo" / "config.toml"),
-        }
+        env = shell_env(**info["env"], DAILYPLAY_CONFIG=str(tmp_path / "demo" / "config.toml"))
         admin = {"authorization": f"Bearer {info['env']['DP_JWT']}"}
         ran = 0
         for path in (ROOT / "README.md", ROOT / "docs" / "api.md", ROOT / "docs" / "operations.md"):
@@ -323,13 +317,8 @@ def test_the_curl_examples_work_against_a_demo(tmp_path: Path) -> None:
                 ).json()["data"]["id"]
                 # Each answer on a line of its own, as a terminal shows them one after another.
                 newline_after_curl = 'curl() { command curl "$@"; echo; }\n'
-                result = subprocess.run(
-                    ["bash", "-euo", "pipefail", "-c", newline_after_curl + block],
-                    env={**env, "TOKEN": token, "KEY_ID": str(key_id)},
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
+                result = shell(
+                    newline_after_curl + block, {**env, "TOKEN": token, "KEY_ID": str(key_id)}
                 )
                 assert result.returncode == 0, (path.name, block, result.stderr)
                 answers = [
