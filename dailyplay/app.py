@@ -91,7 +91,7 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, StorageFull):
         log.error(
             "database or disk is full: %s %s refused; free space on the disk of %s",
-            request.method, request.url.path, services.settings.database.path,
+            request.method, request.url.path, services.settings.database.display,
         )  # fmt: skip
         return error_response(
             503,
@@ -292,7 +292,10 @@ def health_routes() -> list[Route]:
     async def readyz(request: Request) -> Response:
         db: Store = request.app.state.services.db
         try:
-            version = db.schema_version()
+            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                version = await db.schema_version()
+        except TimeoutError:
+            return _not_ready(f"a database read took longer than {READY_TIMEOUT_SECONDS:g} s")
         except StorageError as exc:
             return _not_ready(f"database cannot be read: {exc}")
         if version != SCHEMA_VERSION:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from .storage.errors import StorageBusy, StorageFull
+from .storage.errors import StorageBusy, StorageFull, StorageUnavailable
 
 
 @contextlib.asynccontextmanager
@@ -25,11 +25,13 @@ async def running(coroutine: Coroutine[Any, Any, Any]) -> AsyncIterator[None]:
 
 
 def log_failed_pass(logger: logging.Logger, what: str, exc: Exception) -> None:
-    """A background pass failed and will run again. A full disk or a busy database is the
-    operator's matter, not a fault here: one line, without a traceback."""
+    """A background pass failed and will run again. A full disk, a busy database or one out of
+    reach is the operator's matter, not a fault here: one line, without a traceback."""
     if isinstance(exc, StorageFull):
         logger.error("%s refused: the database or disk is full; will retry", what)
     elif isinstance(exc, StorageBusy):
         logger.warning("%s: the database is busy; will retry", what)
+    elif isinstance(exc, StorageUnavailable):
+        logger.error("%s failed: the database is unavailable (%s); will retry", what, exc)
     else:
         logger.error("%s failed; will retry", what, exc_info=exc)

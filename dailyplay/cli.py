@@ -12,6 +12,7 @@ import json
 import logging
 import logging.config
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -77,7 +78,7 @@ def _with_store(settings: config.Settings, work: Callable[[Store], Awaitable[T]]
         try:
             await store.open()
         except (SchemaError, StorageError) as exc:
-            raise CliError(f"cannot open database {settings.database.path}: {exc}") from None
+            raise CliError(f"cannot open database {settings.database.display}: {exc}") from None
         try:
             return await work(store)
         except StorageError as exc:
@@ -160,9 +161,21 @@ def cmd_purge(args: argparse.Namespace) -> None:
     )
 
 
+def _pg_dump_target(settings: config.Settings) -> str:
+    """The database's url as pg_dump takes it, without a password (pg_dump reads PGPASSWORD
+    or ~/.pgpass)."""
+    return shlex.quote(settings.database.display)
+
+
 def cmd_backup(args: argparse.Namespace) -> None:
     """A consistent copy of the (possibly live) database through SQLite's online backup API."""
     settings = _settings(args)
+    if settings.database.engine != "sqlite":
+        example = f"pg_dump --format=custom --file=dailyplay.dump {_pg_dump_target(settings)}"
+        raise CliError(
+            f"dailyplay backup copies a SQLite file; on PostgreSQL use pg_dump ({example})",
+            EXIT_USAGE,
+        )
     dest = Path(args.dest)
     if dest.exists() and not args.force:
         raise CliError(f"{dest} exists; choose a new file or pass --force", EXIT_USAGE)
@@ -202,7 +215,7 @@ _days = _whole_number(1, 36_500, " of days")
 
 def cmd_init_db(args: argparse.Namespace) -> None:
     async def work(store: Store) -> dict[str, Any]:
-        return store.describe()
+        return await store.describe()
 
     emit(_with_store(_settings(args), work))
 
@@ -407,6 +420,17 @@ def uvicorn_log_config(level: str, log_format: str = "json") -> dict[str, Any]:
         "level": level.upper(),
         "propagate": False,
     }
+    # The PostgreSQL driver's own warnings (its pool reconnecting), in the same format, one line
+    # each (a handler of their own: a logger's filters do not see its children's records).
+    log_config["filters"]["one_line"] = {"()": "dailyplay.logs.OneLineFilter"}
+    driver = copy.deepcopy(log_config["handlers"]["default"])
+    driver["filters"] = ["one_line", *driver["filters"]]
+    log_config["handlers"]["driver"] = driver
+    log_config["loggers"]["asyncpg"] = {
+        "handlers": ["driver"],
+        "level": "WARNING",
+        "propagate": False,
+    }
     return log_config
 
 
@@ -451,7 +475,7 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
                     {
                         "listening": f"http://{server.host}:{server.port}",
                         "workers": server.workers,
-                        "database": str(Path(settings.database.path).resolve()),
+                        "database": settings.database.display,
                         "metrics": metrics_url(settings),
                         "pid": os.getpid(),
                     }

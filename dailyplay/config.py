@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
 import json
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +46,41 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class DatabaseSettings:
+    url: str = _setting(
+        "", "empty: SQLite at database.path; sqlite:///FILE or postgresql://USER@HOST:PORT/DB"
+    )
     path: str = _setting("dailyplay.db", "SQLite file (WAL mode); relative paths start at the cwd")
     synchronous: str = _setting(
         "FULL", "FULL survives power loss; NORMAL is faster but may lose the last commits"
     )
     busy_timeout_ms: int = _setting(5000, "how long a write waits for another process's lock")
+    pool_min: int = _setting(2, "PostgreSQL: connections each worker process keeps open")
+    pool_max: int = _setting(10, "PostgreSQL: most connections each worker process opens")
+    statement_timeout_ms: int = _setting(
+        5000, "PostgreSQL: longest a statement (or a wait for a connection) may take"
+    )
+
+    @property
+    def engine(self) -> str:
+        """'sqlite' or 'postgresql', by the scheme of url (SQLite when url is empty)."""
+        return database_engine(self.url)
+
+    @property
+    def display(self) -> str:
+        """Where the database is, for messages: the SQLite file's absolute path, or the url
+        without its password and options (which may hold one)."""
+        if self.engine == "sqlite":
+            return str(Path(self.path).resolve())
+        parts = urllib.parse.urlsplit(self.url)
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        with contextlib.suppress(ValueError):
+            if parts.port:
+                netloc += f":{parts.port}"
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -196,6 +228,39 @@ def _coerce(
     raise AssertionError(f"unhandled setting type {annotation}")  # pragma: no cover
 
 
+# database.url schemes, by engine (the names SQLAlchemy and libpq accept).
+_URL_SCHEMES = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}
+
+
+def database_engine(url: str) -> str:
+    """The engine a database.url names: 'sqlite' for an empty url or sqlite:///FILE,
+    'postgresql' for postgresql:// (or postgres://). ConfigError for any other; the message
+    never repeats the url, which may carry a password."""
+    if not url:
+        return "sqlite"
+    scheme, separator, _rest = url.partition("://")
+    engine = _URL_SCHEMES.get(scheme.lower()) if separator else None
+    if engine is None:
+        shown = scheme.lower() if separator and scheme.isalnum() else "?"
+        raise ConfigError(
+            f"database.url has an unknown scheme ({shown}); use sqlite:///FILE or "
+            "postgresql://USER@HOST:PORT/DATABASE"
+        )
+    return engine
+
+
+def _sqlite_path(url: str) -> str:
+    """The file a sqlite:// url names, as SQLAlchemy reads it: sqlite:///data/x.db is relative
+    to the working directory, sqlite:////var/lib/x.db absolute."""
+    rest = url.partition("://")[2]
+    if not rest.startswith("/") or len(rest) < 2 or "?" in rest:
+        raise ConfigError(
+            "database.url for SQLite must be sqlite:///FILE (relative) or sqlite:////FILE "
+            "(absolute), without a host or options"
+        )
+    return rest[1:]
+
+
 def _build(raw: Mapping[str, Mapping[str, Any]], source: str) -> Settings:
     sections = {}
     for section, cls in _SECTION_TYPES.items():
@@ -209,6 +274,13 @@ def _build(raw: Mapping[str, Mapping[str, Any]], source: str) -> Settings:
             for key, value in values.items()
         }
         sections[section] = cls(**coerced)
+    database = sections["database"]
+    try:
+        if database.engine == "sqlite" and database.url:
+            # The url names the SQLite file: it wins over database.path.
+            sections["database"] = dataclasses.replace(database, path=_sqlite_path(database.url))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from {source})") from None
     settings = Settings(**sections)
     try:
         _check_ranges(settings)
@@ -247,6 +319,15 @@ def _check_ranges(s: Settings) -> None:
         "database.synchronous must be FULL, EXTRA or NORMAL",
     )
     need(0 <= s.database.busy_timeout_ms <= 600_000, "database.busy_timeout_ms must be 0..600000")
+    need(1 <= s.database.pool_min <= 1000, "database.pool_min must be 1..1000")
+    need(
+        s.database.pool_min <= s.database.pool_max <= 1000,
+        "database.pool_max must be between database.pool_min and 1000",
+    )
+    need(
+        100 <= s.database.statement_timeout_ms <= 600_000,
+        "database.statement_timeout_ms must be 100..600000",
+    )
     need(
         not (s.auth.jwks_url and s.auth.jwt_public_key),
         "set only one of auth.jwks_url and auth.jwt_public_key",

@@ -82,6 +82,20 @@ def _logged_request_id(request_id: str) -> str:
     return _KEY.sub(_cut_key, request_id) if "dpk_" in request_id else request_id
 
 
+class OneLineFilter(logging.Filter):
+    """A library's warnings with an exception (asyncpg's pool retrying its connections while
+    the database is down, say) as one line each: what it says, then the exception's kind and
+    message, without the traceback, which is the library's own and says nothing more."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class RedactSecretsFilter(logging.Filter):
     """Redacts tokens and keys from log lines (uvicorn's errors may quote a request line);
     request lines, built from redacted fields, do not pass through logging."""

@@ -150,3 +150,49 @@ def test_serve_warns_once_about_unknown_variables_and_missing_bearer_auth(
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="not found"):
         config.load(tmp_path / "absent.toml", env={})
+
+
+def test_database_url_picks_the_engine_by_its_scheme(tmp_path: Path) -> None:
+    assert config.load(env={}).database.engine == "sqlite"
+    relative = config.load(env={"DAILYPLAY_DATABASE_URL": "sqlite:///data/dp.db"}).database
+    assert (relative.engine, relative.path) == ("sqlite", "data/dp.db")
+    absolute = config.load(env={"DAILYPLAY_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}).database
+    assert absolute.path == f"{tmp_path}/x.db" and absolute.display == f"{tmp_path}/x.db"
+    for scheme in ("postgresql", "postgres", "POSTGRESQL"):
+        pg = config.load(
+            env={"DAILYPLAY_DATABASE_URL": f"{scheme}://dp:s3cret@db.internal:5433/dp?sslmode=x"}
+        ).database
+        assert pg.engine == "postgresql"
+        # Where it is, for messages and logs: never the password (nor options that may hold one).
+        assert pg.display == f"{scheme.lower()}://dp@db.internal:5433/dp"
+        assert "s3cret" not in pg.display
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("mysql://u:secret@h/db", "unknown scheme (mysql)"),
+        ("dailyplay.db", "unknown scheme (?)"),
+        ("sqlite://host/x.db", "sqlite:///FILE"),
+        ("sqlite:///", "sqlite:///FILE"),
+        ("sqlite:///x.db?mode=ro", "sqlite:///FILE"),
+    ],
+)
+def test_a_database_url_that_names_no_engine_is_a_clear_error(url: str, fragment: str) -> None:
+    with pytest.raises(config.ConfigError) as error:
+        config.load(env={"DAILYPLAY_DATABASE_URL": url})
+    assert fragment in str(error.value)
+    assert "secret" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"pool_min": 0}, "database.pool_min"),
+        ({"pool_min": 5, "pool_max": 4}, "database.pool_max"),
+        ({"statement_timeout_ms": 10}, "database.statement_timeout_ms"),
+    ],
+)
+def test_pool_settings_are_checked(values: dict[str, int], fragment: str) -> None:
+    with pytest.raises(config.ConfigError, match=fragment):
+        config.Settings().replace("database", **values)

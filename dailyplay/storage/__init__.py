@@ -2,7 +2,8 @@
 
 Nothing outside this package holds SQL or imports a database driver. Callers use the types of
 `storage.types` and catch the exceptions of `storage.errors`. The engine is SQLite
-(`storage.sqlite`), chosen by `store_for`.
+(`storage.sqlite`, the default) or PostgreSQL (`storage.postgres`), chosen by the scheme of
+database.url in `store_for`. Both have the same schema versions.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ def store_for(
     settings: DatabaseSettings,
     observe_commit: Callable[[float, int, bool], None] | None = None,
 ) -> Store:
-    """The store the settings describe, not yet open: the SQLite file at settings.path.
-    observe_commit is told of each group commit (seconds holding the write lock, writes,
-    whether it waited for another process first), for metrics."""
+    """The store the settings describe, not yet open: the PostgreSQL database of
+    settings.url, or the SQLite file at settings.path. observe_commit is told of each SQLite
+    group commit (seconds holding the write lock, writes, whether it waited for another process
+    first), for metrics."""
+    if settings.engine == "postgresql":
+        from .postgres import PostgresStore
+
+        return PostgresStore(settings, observe_commit)
     from .sqlite import Database
 
     return Database(settings, observe_commit)

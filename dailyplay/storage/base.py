@@ -38,10 +38,10 @@ class Store(Protocol):
 
     # --- health -------------------------------------------------------------------------------
 
-    def schema_version(self) -> int:
+    async def schema_version(self) -> int:
         """The database's schema version as it is now."""
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """What `dailyplay init-db` reports: where the database is, its schema version, and
         facts of the engine's own."""
 

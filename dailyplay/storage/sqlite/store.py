@@ -122,12 +122,12 @@ class Database:
             await self.close()
             reraise(exc)
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """What init-db reports: the database file, its schema version and journal mode."""
         mode = self._read_with(lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0])
         return {
             "database": str(Path(self.settings.path).resolve()),
-            "schema_version": self.schema_version(),
+            "schema_version": self._user_version(),
             "journal_mode": mode,
         }
 
@@ -255,8 +255,11 @@ class Database:
 
     # --- health ----------------------------------------------------------------------------------
 
-    def schema_version(self) -> int:
+    async def schema_version(self) -> int:
         """PRAGMA user_version as the read connection sees it."""
+        return self._user_version()
+
+    def _user_version(self) -> int:
         return int(self._read_with(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0]))
 
     def note_full(self) -> None:
