@@ -21,6 +21,8 @@ from conftest import (
     sql,
 )
 
+pytestmark = pytest.mark.both_engines
+
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import API, World, assert_error, cap_pages, running_app, sql
 
+from dailyplay import config
 from dailyplay.app import FULL_RETRY_AFTER_SECONDS
+
+pytestmark = pytest.mark.both_engines
 
 
 @pytest.mark.parametrize(
@@ -233,33 +241,60 @@ def test_no_cors_headers_unless_configured(world: World) -> None:
     assert "access-control-allow-origin" not in response.headers
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(settings: config.Settings, key_id: int) -> Iterator[None]:
+    """Another process holding what a token's insert needs: SQLite's write lock, or, on
+    PostgreSQL, the key's row (as a change to the key does while it commits)."""
+    if settings.database.engine == "sqlite":
+        import sqlite3
+
+        blocker = sqlite3.connect(settings.database.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    import asyncpg
+
+    async def lock() -> Any:
+        conn = await asyncpg.connect(settings.database.url)
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE", key_id)
+        return conn
+
+    import anyio.from_thread
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        conn = portal.call(lock)
+        try:
+            yield
+        finally:
+            portal.call(conn.close)
+
+
 def test_a_database_locked_past_the_busy_timeout_is_a_503_and_nothing_is_stored(
     make_settings, rsa_key
 ) -> None:
-    import sqlite3
-
     from conftest import World, add_org
 
-    settings = make_settings(database={"busy_timeout_ms": 200})
+    settings = make_settings(database={"busy_timeout_ms": 200, "statement_timeout_ms": 200})
     with running_app(settings) as client:
         world = World(
             client, settings, add_org(settings, members={"a": "admin"}), "a", "a", rsa_key
         )
-        key = world.create_key()["key"]
-        blocker = sqlite3.connect(settings.database.path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
-        try:
-            response = world.create_session(key)
+        key = world.create_key()
+        with lock_held_elsewhere(settings, key["id"]):
+            response = world.create_session(key["key"])
             assert_error(response, 503, "busy")
             assert response.headers["retry-after"] == "1"
             assert "\ndailyplay_db_busy_errors_total 1.0\n" in client.get("/metrics").text
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         assert sql(settings, "SELECT count(*) FROM sessions") == [(0,)]
-        assert world.create_session(key).status_code == 200
+        assert world.create_session(key["key"]).status_code == 200
 
 
+@pytest.mark.sqlite_only
 def test_a_full_database_is_a_503_that_says_so_and_nothing_is_stored(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -327,7 +362,7 @@ def test_an_unexpected_error_is_a_json_500_with_the_request_id_logged_once(
 
 
 def test_a_database_that_refuses_writes_is_a_503_with_retry_after_and_nothing_stored(
-    world: World, api_key: str, caplog: pytest.LogCaptureFixture
+    world: World, api_key: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     """A write the database cannot take (here a read-only file; on another engine, a server out
     of reach) is the storage layer's StorageUnavailable: 503 with Retry-After and one log line
@@ -335,14 +370,32 @@ def test_a_database_that_refuses_writes_is_a_503_with_retry_after_and_nothing_st
     token = world.token(api_key)
     db = world.client.app.state.services.db
     before = sql(world.settings, "SELECT count(*) FROM sessions")
-    world.client.portal.call(db.run_on_writer, lambda conn: conn.execute("PRAGMA query_only = ON"))
+    if world.settings.database.engine == "sqlite":
+        world.client.portal.call(
+            db.run_on_writer, lambda conn: conn.execute("PRAGMA query_only = ON")
+        )
+        refusal = "readonly"
+    else:
+        # As after a fail-over to a standby: every new connection is read-only, and the
+        # service's open ones are cut (its pool opens new ones by itself).
+        name = world.settings.database.url.rsplit("/", 1)[1]
+        server = request.getfixturevalue("postgres_server")
+        asyncio.run(
+            server.admin(
+                f"ALTER DATABASE {name} SET default_transaction_read_only = on",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                f" WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+            )
+        )
+        time.sleep(0.3)
+        refusal = "read-only transaction"
     with caplog.at_level(logging.ERROR, logger="dailyplay"):
         response = world.create_session(api_key)
     assert_error(response, 503, "the database is unavailable, so nothing was done")
     assert response.headers["retry-after"] == "5"
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
-    assert "readonly" in errors[0].getMessage()
+    assert refusal in errors[0].getMessage()
     assert sql(world.settings, "SELECT count(*) FROM sessions") == before
     validated = world.client.get(f"{API}?action=validate-session&token={token}")
     assert validated.status_code == 200, validated.text

@@ -10,12 +10,16 @@ import time
 import uuid
 from typing import Any
 
-from conftest import API, World, add_org, assert_error, issue_api_key, sql
+import pytest
+from conftest import API, World, add_org, assert_error, sql, with_store
 
 from dailyplay import config
-from dailyplay.storage import sqlite as db
-from dailyplay.storage.sqlite.statements import key_state
-from dailyplay.storage.types import NewSession
+from dailyplay.keys import new_api_key
+from dailyplay.storage import Store
+from dailyplay.storage.errors import KeyChanged
+from dailyplay.storage.types import CLI, NewSession
+
+pytestmark = pytest.mark.both_engines
 
 NOW = 1_800_000_000_000
 
@@ -34,7 +38,7 @@ def remembered_key(world: World, **fields: Any) -> dict[str, Any]:
 def test_a_key_revoked_elsewhere_is_refused_at_once_and_stores_nothing(world: World) -> None:
     key = remembered_key(world)
     before = sessions(world)
-    sql(world.settings, "UPDATE api_keys SET is_active = 0 WHERE id = ?", (key["id"],))
+    sql(world.settings, "UPDATE api_keys SET is_active = FALSE WHERE id = ?", (key["id"],))
     assert_error(world.create_session(key["key"]), 401, "revoked")
     # The key's state answers before the body's faults, as for a key read fresh.
     response = world.client.post(
@@ -107,36 +111,31 @@ def test_an_insert_admitted_on_an_old_reading_of_its_key_stores_nothing(
     settings: config.Settings,
 ) -> None:
     org = add_org(settings)
-    conn = db.connect(settings.database)
-    with db.transaction(conn):
-        _raw, row = issue_api_key(conn, org, "CRM", NOW, per_minute=60, per_day=1000)
-    key_id = row.id
-    state = key_state(conn.execute(db.KEY_STATE, (key_id,)).fetchone())
-    conn.close()
-    # As another process would have changed it meanwhile:
-    changed = dataclasses.replace(state, rate_limit_per_minute=61)
+    _raw, values = new_api_key(org, "CRM", NOW, per_minute=60, per_day=1000)
     tokens = [uuid.uuid4().bytes for _ in range(4)]
 
-    def values(token: bytes) -> NewSession:
+    def session(token: bytes, key_id: int) -> NewSession:
         return NewSession(token, org, key_id, 1, None, None, None, NOW, NOW + 60_000)
 
-    async def main() -> list[Any]:
-        database = db.Database(settings.database)
-        await database.open()
-        try:
-            # One group: two inserts on the current reading, one on an old one, one unchecked.
-            return await asyncio.gather(
-                database.insert_session(values(tokens[0]), state),
-                database.insert_session(values(tokens[1]), changed),
-                database.insert_session(values(tokens[2]), state),
-                database.insert_session(values(tokens[3])),
-                return_exceptions=True,
-            )
-        finally:
-            await database.close()
+    async def main(store: Store) -> tuple[int, list[Any]]:
+        key = await store.insert_api_key(values, CLI)
+        state = await store.get_api_key_for_request(key.id)
+        assert state is not None
+        # As another process would have changed it meanwhile:
+        changed = dataclasses.replace(state, rate_limit_per_minute=61)
+        # Together (one group on SQLite): two on the current reading, one on an old one, one
+        # unchecked.
+        outcomes = await asyncio.gather(
+            store.insert_session(session(tokens[0], key.id), state),
+            store.insert_session(session(tokens[1], key.id), changed),
+            store.insert_session(session(tokens[2], key.id), state),
+            store.insert_session(session(tokens[3], key.id)),
+            return_exceptions=True,
+        )
+        return key.id, outcomes
 
-    outcomes = asyncio.run(main())
-    assert isinstance(outcomes[1], db.KeyChanged)
+    key_id, outcomes = with_store(settings, main)
+    assert isinstance(outcomes[1], KeyChanged)
     assert all(outcomes[i] is None for i in (0, 2, 3)), outcomes
     stored = {bytes(t) for (t,) in sql(settings, "SELECT token FROM sessions")}
     assert stored == {tokens[0], tokens[2], tokens[3]}

@@ -13,6 +13,8 @@ from conftest import API, World, add_org, assert_error, sql
 
 from dailyplay.tokens import clock_prefix
 
+pytestmark = pytest.mark.both_engines
+
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 

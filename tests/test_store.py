@@ -1,5 +1,6 @@
 """The Store contract (dailyplay/storage/base.py), tested through the interface alone: what any
-engine must do, whatever it is. `engine` names the engines these tests run against."""
+engine must do, whatever it is. Every test runs on each engine (both_engines, tests/conftest.py),
+on a fresh, empty database."""
 
 from __future__ import annotations
 
@@ -23,10 +24,7 @@ HOUR = 3_600_000
 ADMIN = Actor("user_admin", "203.0.113.9")
 
 
-@pytest.fixture(params=["sqlite"])
-def engine(request: pytest.FixtureRequest, settings: config.Settings) -> config.Settings:
-    """Settings for a fresh, empty database of each engine."""
-    return settings
+pytestmark = pytest.mark.both_engines
 
 
 def run(settings: config.Settings, scenario: Callable[[Store], Awaitable[T]]) -> T:
@@ -55,7 +53,9 @@ def new_session(org_id: int, key_id: int, expires_at: int = NOW + HOUR) -> NewSe
     )
 
 
-def test_a_token_is_consumed_by_exactly_one_of_many_concurrent_callers(engine) -> None:
+def test_a_token_is_consumed_by_exactly_one_of_many_concurrent_callers(
+    settings: config.Settings,
+) -> None:
     async def scenario(store: Store) -> tuple[list[Any], Any]:
         org_id, key_id = await business_key(store)
         session = new_session(org_id, key_id)
@@ -64,7 +64,7 @@ def test_a_token_is_consumed_by_exactly_one_of_many_concurrent_callers(engine) -
         results = await asyncio.gather(*asks)
         return results, await store.get_session(session.token)
 
-    results, after = run(engine, scenario)
+    results, after = run(settings, scenario)
     won = [r for r in results if r is not None]
     assert len(won) == 1
     assert won[0].status == "consumed" and won[0].consumed_at == NOW + 1
@@ -72,7 +72,7 @@ def test_a_token_is_consumed_by_exactly_one_of_many_concurrent_callers(engine) -
     assert after.status == "consumed"
 
 
-def test_an_expired_or_unknown_token_is_not_consumed(engine) -> None:
+def test_an_expired_or_unknown_token_is_not_consumed(settings: config.Settings) -> None:
     async def scenario(store: Store) -> list[Any]:
         org_id, key_id = await business_key(store)
         expired = new_session(org_id, key_id, expires_at=NOW)
@@ -83,10 +83,12 @@ def test_an_expired_or_unknown_token_is_not_consumed(engine) -> None:
             (await store.get_session(expired.token)).status,
         ]
 
-    assert run(engine, scenario) == [None, None, "active"]  # stored status; it reads as expired
+    assert run(settings, scenario) == [None, None, "active"]  # stored status; it reads as expired
 
 
-def test_a_token_admitted_on_an_old_reading_of_its_key_is_not_stored(engine) -> None:
+def test_a_token_admitted_on_an_old_reading_of_its_key_is_not_stored(
+    settings: config.Settings,
+) -> None:
     async def scenario(store: Store) -> tuple[Any, Any, Any]:
         org_id, key_id = await business_key(store)
         state = await store.get_api_key_for_request(key_id)
@@ -103,12 +105,14 @@ def test_a_token_admitted_on_an_old_reading_of_its_key_is_not_stored(engine) -> 
             await store.key_usage(org_id, NOW),
         )
 
-    stored, refused, usage = run(engine, scenario)
+    stored, refused, usage = run(settings, scenario)
     assert stored is not None and refused is None
     assert next(iter(usage.values()))["sessions_created_24h"] == 1
 
 
-def test_deactivating_or_deleting_a_key_revokes_its_live_tokens_in_the_same_change(engine) -> None:
+def test_deactivating_or_deleting_a_key_revokes_its_live_tokens_in_the_same_change(
+    settings: config.Settings,
+) -> None:
     async def scenario(store: Store) -> dict[str, Any]:
         org_id, key_id = await business_key(store)
         live = [new_session(org_id, key_id) for _ in range(3)]
@@ -128,7 +132,7 @@ def test_deactivating_or_deleting_a_key_revokes_its_live_tokens_in_the_same_chan
         }
         return found
 
-    found = run(engine, scenario)
+    found = run(settings, scenario)
     assert found["other org"] == (None, 0) and found["delete other org"] is None
     key, revoked = found["revoke"]
     assert key is not None and key.is_active is False and revoked == 3
@@ -137,7 +141,7 @@ def test_deactivating_or_deleting_a_key_revokes_its_live_tokens_in_the_same_chan
     assert found["trail"] == ["api_key.delete", "api_key.revoke", "api_key.create", "org.create"]
 
 
-def test_organizations_and_members(engine) -> None:
+def test_organizations_and_members(settings: config.Settings) -> None:
     async def scenario(store: Store) -> dict[str, Any]:
         org = await store.create_org("Acme", "free", "org_1", NOW, ADMIN)
         with pytest.raises(Duplicate):
@@ -156,7 +160,7 @@ def test_organizations_and_members(engine) -> None:
             "trail": [e.action for e in await store.list_audit(org.id, 10, None)],
         }
 
-    found = run(engine, scenario)
+    found = run(settings, scenario)
     assert found["found"].name == "Acme" and found["tier"].tier == "business"
     assert found["no org"] is None and found["no org member"] is None
     assert found["member"].role == "admin" and found["role"] == "admin"
@@ -167,7 +171,7 @@ def test_organizations_and_members(engine) -> None:
     assert found["trail"] == ["member.remove", "member.add", "org.tier_change", "org.create"]
 
 
-def test_the_audit_trail_pages_newest_first(engine) -> None:
+def test_the_audit_trail_pages_newest_first(settings: config.Settings) -> None:
     async def scenario(store: Store) -> list[list[int]]:
         org = await store.create_org("Acme", "free", None, NOW, ADMIN)
         for i in range(5):
@@ -180,13 +184,15 @@ def test_the_audit_trail_pages_newest_first(engine) -> None:
             pages.append([entry.id for entry in page])
             before = page[-1].id
 
-    pages = run(engine, scenario)
+    pages = run(settings, scenario)
     ids = [i for page in pages for i in page]
     assert [len(page) for page in pages] == [2, 2, 2]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 6
 
 
-def test_finished_tokens_are_counted_and_purged_and_live_ones_kept(engine) -> None:
+def test_finished_tokens_are_counted_and_purged_and_live_ones_kept(
+    settings: config.Settings,
+) -> None:
     async def scenario(store: Store) -> tuple[int, int, int, list[bool]]:
         org_id, key_id = await business_key(store)
         old = [new_session(org_id, key_id, expires_at=NOW - 10 * HOUR) for _ in range(5)]
@@ -199,12 +205,12 @@ def test_finished_tokens_are_counted_and_purged_and_live_ones_kept(engine) -> No
         left = [await store.get_session(s.token) is not None for s in [*old, *live]]
         return counted, purged, again, left
 
-    counted, purged, again, left = run(engine, scenario)
+    counted, purged, again, left = run(settings, scenario)
     assert (counted, purged, again) == (5, 5, 0)
     assert left == [False] * 5 + [True] * 2
 
 
-def test_rate_counters_add_up_across_flushes(engine) -> None:
+def test_rate_counters_add_up_across_flushes(settings: config.Settings) -> None:
     async def scenario(store: Store) -> tuple[dict[Any, int], dict[str, int], Any]:
         _org_id, key_id = await business_key(store)
         minute, day = NOW // 60_000, NOW // 86_400_000
@@ -216,7 +222,7 @@ def test_rate_counters_add_up_across_flushes(engine) -> None:
         [key] = await store.list_api_keys(_org_id)
         return totals, stored, key.last_used_at
 
-    totals, stored, last_used = run(engine, scenario)
+    totals, stored, last_used = run(settings, scenario)
     assert stored == {"minute": 5, "day": 7}
     assert set(totals.values()) == {5, 7}
     assert last_used == NOW + 5

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from conftest import API, World, cli_json, sql
+import pytest
+from conftest import API, World, cli_json, database_env, sql, with_store
 
 from dailyplay.clock import HOUR_MS, now_ms
-from dailyplay.storage import sqlite as db
+from dailyplay.storage import Store
+
+pytestmark = pytest.mark.both_engines
 
 
 def listing(world: World) -> dict[int, dict]:
@@ -67,20 +69,15 @@ def test_windows_count_by_the_hour_and_old_hours_are_pruned(world: World) -> Non
     }
     stats = cli_json(
         "stats", "--org", str(world.org_id),
-        env={"DAILYPLAY_DATABASE_PATH": world.settings.database.path},
+        env=database_env(world.settings),
     )  # fmt: skip
     assert stats[0]["sessions_created_30d"] == 15 and stats[0]["key_prefix"] == key["key_prefix"]
 
-    async def prune() -> None:
-        database = db.Database(world.settings.database)
-        await database.open()
-        try:
-            day = now_ms() // 86_400_000
-            await database.prune_rate_counters(0, day - 1)
-        finally:
-            await database.close()
+    async def prune(store: Store) -> None:
+        day = now_ms() // 86_400_000
+        await store.prune_rate_counters(0, day - 1)
 
-    asyncio.run(prune())
+    with_store(world.settings, prune)
     oldest = sql(world.settings, "SELECT min(hour) FROM key_usage")[0][0]
     assert oldest >= hour - 31 * 24 - 24
     assert sql(world.settings, "SELECT count(*) FROM key_usage WHERE hour < ?", (hour - 800,)) == [
