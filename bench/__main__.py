@@ -8,6 +8,7 @@ writes a JSON file. Every process it starts is stopped before it returns.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -23,10 +24,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -34,12 +35,15 @@ from dailyplay import config
 from dailyplay.clock import now_ms
 from dailyplay.demo import write_config
 from dailyplay.keys import new_api_key
+from dailyplay.storage import Store, store_for
 from dailyplay.storage import sqlite as db
+from dailyplay.storage.types import CLI
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("create", "validate", "consume", "mixed")
 BARE_FOR = {"create": "bare-post", "validate": "bare-get", "consume": "bare-post"}
 SEED_BATCH = 100_000
+T = TypeVar("T")
 
 
 @dataclass
@@ -201,61 +205,99 @@ class Instance:
 
 
 def prepare_instance(
-    directory: Path, workers: int, overrides: dict[str, dict[str, Any]] | None = None
+    directory: Path,
+    workers: int,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    database_url: str = "",
 ) -> Instance:
     """A database with one Business org and one key without practical limits, and a config
     for it: the defaults users run (request lines and metrics on), but for the per-IP limits,
-    which would refuse a benchmark's one address; overrides: {section: {setting: value}}."""
+    which would refuse a benchmark's one address; overrides: {section: {setting: value}}.
+    The database is a SQLite file in directory, or the (empty) PostgreSQL database_url."""
     directory.mkdir(parents=True, exist_ok=True)
     settings = config.Settings()
-    settings = settings.replace("database", path=str(directory / "bench.db"))
+    settings = settings.replace("database", path=str(directory / "bench.db"), url=database_url)
     settings = settings.replace("server", workers=workers)
     settings = settings.replace("limits", public_per_minute=0, failed_auth_per_minute=0)
     settings = settings.replace("sessions", default_expires_minutes=24 * 60)
     for section, values in (overrides or {}).items():
         settings = settings.replace(section, **values)
-    conn = db.connect(settings.database)
-    with db.transaction(conn):
+
+    async def create(store: Store) -> tuple[str, int, int]:
         now = now_ms()
-        org_id = db.create_org(conn, "Bench Games", "business", None, now).id
+        org = await store.create_org("Bench Games", "business", None, now, CLI)
         raw_key, values = new_api_key(
-            org_id, "bench", now, per_minute=1_000_000, per_day=1_000_000_000
+            org.id, "bench", now, per_minute=1_000_000, per_day=1_000_000_000
         )
-        row = db.insert_api_key(conn, values, db.CLI)
-    conn.close()
+        key = await store.insert_api_key(values, CLI)
+        return raw_key, org.id, key.id
+
+    raw_key, org_id, key_id = asyncio.run(with_store(settings, create))
     path = directory / "bench.toml"
     write_config(settings, path)
-    return Instance(settings, path, raw_key, org_id, row.id)
+    return Instance(settings, path, raw_key, org_id, key_id)
+
+
+async def with_store(settings: config.Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    store = store_for(settings.database)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+SESSION_COLUMNS = (
+    "token", "org_id", "api_key_id", "game_id", "stream_id", "external_ref", "metadata",
+    "created_at", "expires_at",
+)  # fmt: skip
 
 
 def seed_tokens(instance: Instance, count: int, tokens_file: Path | None) -> None:
     """Insert `count` fresh active tokens straight into the database (one transaction per
-    100,000); write their text forms to tokens_file when given."""
-    conn = db.connect(instance.settings.database)
+    100,000; COPY on PostgreSQL); write their text forms to tokens_file when given."""
     out = tokens_file.open("w") if tokens_file else None
+    now = now_ms()
+
+    def rows(batch: list[uuid.UUID]) -> list[tuple[Any, ...]]:
+        return [
+            (t.bytes, instance.org_id, instance.key_id, 42, None, "seed", None, now,
+             now + 86_400_000)
+            for t in batch
+        ]  # fmt: skip
+
+    if instance.settings.database.engine == "postgresql":
+        import asyncpg
+
+        async def copy() -> None:
+            conn = await asyncpg.connect(instance.settings.database.url)
+            try:
+                done = 0
+                while done < count:
+                    batch = [uuid.uuid4() for _ in range(min(SEED_BATCH, count - done))]
+                    await conn.copy_records_to_table(
+                        "sessions", records=rows(batch), columns=SESSION_COLUMNS
+                    )
+                    if out:
+                        out.writelines(f"{t}\n" for t in batch)
+                    done += len(batch)
+                await conn.execute("ANALYZE sessions")
+            finally:
+                await conn.close()
+
+        try:
+            asyncio.run(copy())
+        finally:
+            if out:
+                out.close()
+        return
+    conn = db.connect(instance.settings.database)
     try:
-        now = now_ms()
         done = 0
         while done < count:
             batch = [uuid.uuid4() for _ in range(min(SEED_BATCH, count - done))]
             with db.transaction(conn):
-                db.insert_sessions(
-                    conn,
-                    (
-                        (
-                            t.bytes,
-                            instance.org_id,
-                            instance.key_id,
-                            42,
-                            None,
-                            "seed",
-                            None,
-                            now,
-                            now + 86_400_000,
-                        )
-                        for t in batch
-                    ),
-                )
+                db.insert_sessions(conn, rows(batch))
             if out:
                 out.writelines(f"{t}\n" for t in batch)
             done += len(batch)
@@ -291,29 +333,110 @@ def measure_workers(workers: int, args: argparse.Namespace, work: Path) -> dict[
         for mode in ("bare-get", "bare-post"):
             results["bare"][mode] = run_wrk(bare_url, mode, args)
     instance = prepare_instance(work / f"workers-{workers}", workers)
-    token_files = {}
-    per_workload = args.tokens_per_workload
-    for workload in ("validate", "consume", "mixed"):
-        token_files[workload] = work / f"tokens-{workers}-{workload}.txt"
-        seed_tokens(instance, per_workload, token_files[workload])
-    port = serve_on_free_port(instance)
-    probe = "/openapi.json"
-    with running(serve_command(instance), port, probe, log) as server:
-        warm_up(server.url, "create", args, instance.key)
-        for workload in WORKLOADS:
-            results["dailyplay"][workload] = run_wrk(
-                server.url, workload, args, instance.key, token_files.get(workload)
-            )
-        memory = server.memory_kb()
-        results["rss_kb_after"] = memory["VmRSS"]
-        results["rss_anon_kb_after"] = memory["RssAnon"]
-        results["rss_file_kb_after"] = memory["RssFile"]
+    measured = measure_service(instance, args, work, f"{workers}")
+    results["dailyplay"] = measured.pop("workloads")
+    results.update(measured)
     for workload, bare_mode in BARE_FOR.items():
         measured = results["dailyplay"][workload]
         rps, p99 = ratios_to_bare(measured, results["bare"][bare_mode])
         measured["ratio_to_bare"] = round(rps, 2)
         measured["p99_ratio_to_bare"] = round(p99, 2)
     return results
+
+
+def measure_service(
+    instance: Instance, args: argparse.Namespace, work: Path, name: str
+) -> dict[str, Any]:
+    """Every workload against `dailyplay serve` on the instance (tokens seeded first for the
+    ones that need them), after a warm-up; with the servers' memory afterwards."""
+    log = work / "servers.log"
+    token_files = {}
+    for workload in ("validate", "consume", "mixed"):
+        token_files[workload] = work / f"tokens-{name}-{workload}.txt"
+        seed_tokens(instance, args.tokens_per_workload, token_files[workload])
+    port = serve_on_free_port(instance)
+    results: dict[str, Any] = {"workloads": {}}
+    with running(serve_command(instance), port, "/openapi.json", log) as server:
+        warm_up(server.url, "create", args, instance.key)
+        for workload in WORKLOADS:
+            results["workloads"][workload] = run_wrk(
+                server.url, workload, args, instance.key, token_files.get(workload)
+            )
+        memory = server.memory_kb()
+        results["rss_kb_after"] = memory["VmRSS"]
+        results["rss_anon_kb_after"] = memory["RssAnon"]
+        results["rss_file_kb_after"] = memory["RssFile"]
+    return results
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def measure_engines(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every workload on SQLite and on PostgreSQL, for each worker count, in args.rounds
+    alternated rounds (a fresh database each time); medians, and PostgreSQL's req/s as a
+    multiple of SQLite's. PostgreSQL is a throwaway server on this machine (bench/postgres.py)
+    with PostgreSQL's default durability (fsync, synchronous_commit on), as SQLite keeps
+    synchronous=FULL: both answer only after their commit is on disk."""
+    from bench.postgres import ThrowawayPostgres
+
+    server = ThrowawayPostgres(durable=True).start()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        server.setup_role()
+        for workers in args.workers:
+            by_engine: dict[str, list[dict[str, Any]]] = {engine: [] for engine in ENGINES}
+            for round_ in range(max(args.rounds, 1)):
+                order = ENGINES if round_ % 2 == 0 else ENGINES[::-1]
+                for engine in order:
+                    url = server.create_database() if engine == "postgresql" else ""
+                    name = f"{engine}-{workers}-{round_}"
+                    instance = prepare_instance(work / name, workers, database_url=url)
+                    by_engine[engine].append(measure_service(instance, args, work, name))
+            runs[str(workers)] = by_engine
+    finally:
+        server.remove()
+    return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summarize_engines(runs)}
+
+
+def summarize_engines(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per worker count and workload: each engine's median req/s and p99, and PostgreSQL's
+    req/s as a multiple of SQLite's (of the medians)."""
+    summary: dict[str, Any] = {}
+    for workers, by_engine in runs.items():
+        rows: dict[str, Any] = {}
+        for workload in WORKLOADS:
+            row: dict[str, Any] = {}
+            for engine, measured in by_engine.items():
+                found = [m["workloads"][workload] for m in measured]
+                row[engine] = {
+                    "rps_median": round(statistics.median(r["rps"] for r in found), 1),
+                    "p99_ms_median": round(statistics.median(r["p99_ms"] for r in found), 2),
+                    "p99_ms_max": max(r["p99_ms"] for r in found),
+                    "non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in found),
+                }
+            row["postgresql_x"] = round(
+                row["postgresql"]["rps_median"] / max(row["sqlite"]["rps_median"], 1e-9), 2
+            )
+            rows[workload] = row
+        summary[workers] = rows
+    return summary
+
+
+def print_engines(entry: dict[str, Any]) -> None:
+    print(f"\nSQLite and PostgreSQL, medians of {entry['rounds']} alternated round(s)")
+    print(
+        f"{'workers':>7}  {'workload':<9} {'SQLite req/s':>12} {'p99 ms':>7}"
+        f" {'PostgreSQL req/s':>16} {'p99 ms':>7} {'PG x SQLite':>11}"
+    )
+    for workers, rows in entry["summary"].items():
+        for workload, row in rows.items():
+            lite, pg = row["sqlite"], row["postgresql"]
+            print(
+                f"{workers:>7}  {workload:<9} {lite['rps_median']:>12.0f}"
+                f" {lite['p99_ms_median']:>7.2f} {pg['rps_median']:>16.0f}"
+                f" {pg['p99_ms_median']:>7.2f} {row['postgresql_x']:>11.2f}"
+            )
 
 
 def ratios_to_bare(measured: dict[str, Any], ceiling: dict[str, Any]) -> tuple[float, float]:
@@ -679,6 +802,11 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", action="store_true",
         help="only the default configuration against request lines off and metrics off",
     )  # fmt: skip
+    parser.add_argument(
+        "--engines", action="store_true",
+        help="only the service on SQLite and on a throwaway PostgreSQL, side by side, in"
+        " --rounds alternated rounds per worker count",
+    )  # fmt: skip
     parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
@@ -707,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.pairs:
             results["pairs"] = measure_pairs(args, work)
             return write_results(args.out, results, lambda: print_pairs(results["pairs"]))
+        if args.engines:
+            results["engines"] = measure_engines(args, work)
+            return write_results(args.out, results, lambda: print_engines(results["engines"]))
         if args.variants:
             results["variants"] = measure_variants(args, work)
             return write_results(args.out, results, lambda: print_variants(results["variants"]))

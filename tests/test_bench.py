@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,36 @@ def test_the_soak_reports_a_steady_climb_that_one_sample_would_hide() -> None:
     flat = [{"t_s": t, "RssAnon": 100_000, "RssFile": 1} for t in range(30, 601, 30)]
     flat[9]["RssAnon"] = 120_000  # one high sample, then back
     assert abs(summarize_soak(600, {}, flat)["anon_mb_per_minute"]) < 0.2
+
+
+def test_the_engines_run_measures_every_workload_on_sqlite_and_postgresql(
+    tmp_path: Path,
+) -> None:
+    from bench.postgres import binaries
+
+    require("PostgreSQL", binaries() is not None, "apt-get install postgresql (.ci/run does)")
+    before = _postgres_servers()
+    out = tmp_path / "engines.json"
+    result = run_bench(
+        "--engines", "--duration", "1", "--workers", "1", "2", "--rounds", "1",
+        "--tokens-per-workload", "20000", "--out", str(out),
+    )  # fmt: skip
+    engines = json.loads(out.read_text())["engines"]
+    assert engines["rounds"] == 1
+    for workers in ("1", "2"):
+        for workload in ("create", "validate", "consume", "mixed"):
+            row = engines["summary"][workers][workload]
+            for engine in ("sqlite", "postgresql"):
+                assert row[engine]["rps_median"] > 0, (workers, workload, engine)
+                assert row[engine]["non_2xx"] == 0, (workers, workload, engine)
+            expected = row["postgresql"]["rps_median"] / row["sqlite"]["rps_median"]
+            assert row["postgresql_x"] == pytest.approx(expected, abs=0.006)
+    assert "PG x SQLite" in result.stdout
+    # The throwaway PostgreSQL server it started is gone with the run (the tests' own may run).
+    assert _postgres_servers() <= before
+
+
+def _postgres_servers() -> set[str]:
+    """The data directories of the throwaway PostgreSQL servers running now."""
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return set(re.findall(r"-D (\S*dailyplay-pg-\S*)", listing.stdout))

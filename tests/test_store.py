@@ -72,6 +72,52 @@ def test_a_token_is_consumed_by_exactly_one_of_many_concurrent_callers(
     assert after.status == "consumed"
 
 
+def test_many_tokens_asked_for_at_once_each_get_their_own_answer(
+    settings: config.Settings,
+) -> None:
+    """Calls made together (which an engine may send to the database together): every token is
+    created on its key's state, read back as itself, and consumed by exactly one of its askers;
+    a token admitted on an old state of its key is refused alone."""
+
+    async def scenario(store: Store) -> tuple[list[Any], ...]:
+        org_id, key_id = await business_key(store)
+        state = await store.get_api_key_for_request(key_id)
+        assert state is not None
+        old = dataclasses.replace(state, rate_limit_per_day=state.rate_limit_per_day + 1)
+        sessions = [new_session(org_id, key_id) for _ in range(30)]
+        created = await asyncio.gather(
+            *(store.insert_session(s, old if i == 7 else state) for i, s in enumerate(sessions)),
+            return_exceptions=True,
+        )
+        unknown = uuid.uuid4().bytes
+        read = await asyncio.gather(
+            *(store.get_session(s.token) for s in sessions), store.get_session(unknown)
+        )
+        consumed = await asyncio.gather(
+            *(
+                store.consume_session(s.token, f"p{i}-{n}", NOW + 1 + n)
+                for n in range(3)
+                for i, s in enumerate(sessions)
+            )
+        )
+        return created, read, consumed, sessions
+
+    created, read, consumed, sessions = run(settings, scenario)
+    assert isinstance(created[7], KeyChanged)
+    assert all(outcome is None for i, outcome in enumerate(created) if i != 7), created
+    assert read[7] is None and read[-1] is None
+    for i, session in enumerate(read[:-1]):
+        if i != 7:
+            assert session is not None and session.status == "active"
+            assert session.created_at == sessions[i].created_at
+    for i in range(30):
+        wins = [consumed[n * 30 + i] for n in range(3) if consumed[n * 30 + i] is not None]
+        assert len(wins) == (0 if i == 7 else 1), (i, wins)
+        if wins:
+            assert wins[0].status == "consumed" and wins[0].consumed_at == NOW + 1
+            assert wins[0].id == read[i].id
+
+
 def test_an_expired_or_unknown_token_is_not_consumed(settings: config.Settings) -> None:
     async def scenario(store: Store) -> list[Any]:
         org_id, key_id = await business_key(store)

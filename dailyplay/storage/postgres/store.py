@@ -7,13 +7,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ... import audit
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
-from ..errors import Duplicate, KeyChanged, StorageFull, StorageUnavailable
+from ..errors import Duplicate, KeyChanged, StorageError, StorageFull, StorageUnavailable
 from ..types import (
     MUTABLE_KEY_COLUMNS,
     USAGE_FIELDS,
@@ -29,12 +29,15 @@ from ..types import (
     Session,
     allow_list,
 )
+from .batch import Batcher
+from .pool import ConnectionPool
 from .schema import migrate, read_version, translated
 
 if TYPE_CHECKING:
     import asyncpg
 
 log = logging.getLogger("dailyplay.db")
+T = TypeVar("T")
 
 # Tokens deleted per transaction by retention: each batch locks only its own rows, briefly.
 PURGE_BATCH = 500
@@ -85,6 +88,40 @@ CONSUME_SESSION = (
     f" RETURNING {SESSION_COLUMNS}"
 )
 GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token = $1"
+# The batched forms (storage.postgres.batch): one statement for the calls of one loop turn.
+GET_SESSIONS = f"SELECT token, {SESSION_COLUMNS} FROM sessions WHERE token = ANY($1::bytea[])"
+# Rows are locked in token order (ORDER BY under FOR UPDATE), so two batches that share tokens
+# wait for each other rather than deadlock; a row another consumer took meanwhile is re-checked
+# and left out.
+CONSUME_SESSIONS = (
+    "WITH b AS (SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[]) AS b(t, p, n)),"
+    " locked AS (SELECT s.id, b.p, b.n FROM sessions s JOIN b ON s.token = b.t"
+    " WHERE s.status = 'active' AND s.expires_at > b.n ORDER BY s.token FOR UPDATE OF s)"
+    " UPDATE sessions SET status = 'consumed', consumed_at = locked.n, player_uuid = locked.p"
+    " FROM locked WHERE sessions.id = locked.id"
+    " RETURNING sessions.token, "
+    + ", ".join(f"sessions.{c.strip()}" for c in SESSION_COLUMNS.split(","))
+)
+INSERT_ADMITTED_SESSIONS = (
+    "WITH b AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[],"
+    " $5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],"
+    " $11::text[], $12::boolean[], $13::jsonb[], $14::jsonb[], $15::bigint[], $16::bigint[],"
+    " $17::bigint[], $18::text[]) AS b(token, org_id, api_key_id, game_id, stream_id,"
+    " external_ref, metadata, created_at, expires_at, k_org, k_hash, k_active, k_games,"
+    " k_streams, k_per_minute, k_per_day, k_expires, k_tier)),"
+    " admitted AS (SELECT b.* FROM b JOIN api_keys k ON k.id = b.api_key_id"
+    " JOIN orgs o ON o.id = k.org_id"
+    " WHERE k.org_id = b.k_org AND k.key_hash = b.k_hash AND k.is_active = b.k_active"
+    " AND k.allowed_game_ids IS NOT DISTINCT FROM b.k_games"
+    " AND k.allowed_stream_ids IS NOT DISTINCT FROM b.k_streams"
+    " AND k.rate_limit_per_minute = b.k_per_minute AND k.rate_limit_per_day = b.k_per_day"
+    " AND k.expires_at IS NOT DISTINCT FROM b.k_expires AND o.tier = b.k_tier"
+    " FOR KEY SHARE OF k, o)"
+    " INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
+    " metadata, created_at, expires_at)"
+    " SELECT token, org_id, api_key_id, game_id, stream_id, external_ref, metadata::json,"
+    " created_at, expires_at FROM admitted RETURNING token"
+)
 KEY_STATE = (
     "SELECT k.id, k.org_id, k.key_hash, k.is_active, k.allowed_game_ids,"
     " k.allowed_stream_ids, k.rate_limit_per_minute, k.rate_limit_per_day,"
@@ -200,12 +237,20 @@ class PostgresStore:
         observe_commit: Callable[[float, int, bool], None] | None = None,
     ):
         self.settings = settings
-        self._pool: asyncpg.Pool | None = None
+        self._pool: ConnectionPool | None = None
         self._timeout = settings.statement_timeout_ms / 1000
         # Token counts not yet written: (key id, hour) -> [created, consumed].
         self._usage: dict[tuple[int, int], list[int]] = {}
         self._usage_task: asyncio.Task[None] | None = None
         self._full_at: float | None = None
+        # The calls of one loop turn, one statement each (batch.Batcher).
+        self._gets: Batcher[bytes, Session | None] = Batcher(self._get_sessions)
+        self._consumes: Batcher[tuple[bytes, str | None, int], Session | None] = Batcher(
+            self._consume_sessions
+        )
+        self._inserts: Batcher[tuple[NewSession, KeyState], BaseException | None] = Batcher(
+            self._insert_admitted
+        )
 
     # --- life ----------------------------------------------------------------------------------
 
@@ -219,23 +264,29 @@ class PostgresStore:
                 "pip install 'dailyplay[postgres]'"
             ) from None
         timeout_ms = int(self.settings.statement_timeout_ms)
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.settings.url,
-                min_size=self.settings.pool_min,
-                max_size=self.settings.pool_max,
+        url = self.settings.url
+        server_settings = {
+            "application_name": "dailyplay",
+            "statement_timeout": str(timeout_ms),
+            "lock_timeout": str(timeout_ms),
+            "idle_in_transaction_session_timeout": str(max(timeout_ms, 10_000)),
+        }
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(
+                url,
                 timeout=CONNECT_TIMEOUT_SECONDS,
                 # The client gives up a little after the server would have cancelled.
                 command_timeout=self._timeout + 1,
-                server_settings={
-                    "application_name": "dailyplay",
-                    "statement_timeout": str(timeout_ms),
-                    "lock_timeout": str(timeout_ms),
-                    "idle_in_transaction_session_timeout": str(max(timeout_ms, 10_000)),
-                },
+                server_settings=server_settings,
             )
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                await migrate(conn)
+
+        self._pool = ConnectionPool(
+            connect, self.settings.pool_min, self.settings.pool_max, self._timeout
+        )
+        try:
+            await self._pool.open()
+            await self._with_connection(migrate)
         except BaseException as exc:
             await self.close()
             if isinstance(exc, Exception):
@@ -244,7 +295,10 @@ class PostgresStore:
         self._usage_task = asyncio.create_task(self._write_usage_every_second())
 
     async def close(self) -> None:
-        """Write the usage counted so far, then close every connection."""
+        """Finish the batches under way, write the usage counted so far, then close every
+        connection."""
+        for batcher in (self._inserts, self._consumes, self._gets):
+            await batcher.drain()
         task, self._usage_task = self._usage_task, None
         if task is not None:
             task.cancel()
@@ -256,68 +310,102 @@ class PostgresStore:
                 log.warning("storing token usage at shutdown failed: %s", translated(exc))
         pool, self._pool = self._pool, None
         if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=self._timeout)
-            except (TimeoutError, OSError):
-                pool.terminate()
+            await pool.close(self._timeout)
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> ConnectionPool:
         if self._pool is None:
             raise RuntimeError("database is not open")
         return self._pool
 
-    # Each operation catches what the driver raises and raises it translated (schema.translated):
-    # the pool's waits and the server's refusals alike. A connection whose protocol fell out of
-    # step (the server cut the session while a statement was under way) is closed rather than
-    # given back to the pool.
+    # Each operation takes a connection from the pool, gives it back (or closes it when it
+    # failed in a way that may leave it unusable: _give_back), and raises what the driver
+    # raised translated (schema.translated): the pool's waits and the server's refusals alike.
+    # The three used per request are written out, without a closure or a context manager.
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        pool = self.pool
+        conn = pool.take()
         try:
-            async with self.pool.acquire(timeout=self._timeout) as conn:
-                try:
-                    return list(await conn.fetch(sql, *args))
-                except Exception as exc:
-                    _close_if_broken(conn, exc)
-                    raise
-        except Exception as exc:
-            raise self._translated(exc) from exc
+            if conn is None:
+                conn = await pool.acquire()
+            rows = await conn.fetch(sql, *args)
+        except BaseException as exc:
+            error = self._failed(conn, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        pool.release(conn)
+        return list(rows)
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        pool = self.pool
+        conn = pool.take()
         try:
-            async with self.pool.acquire(timeout=self._timeout) as conn:
-                try:
-                    return await conn.fetchrow(sql, *args)
-                except Exception as exc:
-                    _close_if_broken(conn, exc)
-                    raise
-        except Exception as exc:
-            raise self._translated(exc) from exc
+            if conn is None:
+                conn = await pool.acquire()
+            row = await conn.fetchrow(sql, *args)
+        except BaseException as exc:
+            error = self._failed(conn, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        pool.release(conn)
+        return row
 
     async def _execute(self, sql: str, *args: Any) -> str:
+        pool = self.pool
+        conn = pool.take()
         try:
-            async with self.pool.acquire(timeout=self._timeout) as conn:
-                try:
-                    status: str = await conn.execute(sql, *args)
-                    return status
-                except Exception as exc:
-                    _close_if_broken(conn, exc)
-                    raise
-        except Exception as exc:
-            raise self._translated(exc) from exc
+            if conn is None:
+                conn = await pool.acquire()
+            status: str = await conn.execute(sql, *args)
+        except BaseException as exc:
+            error = self._failed(conn, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        pool.release(conn)
+        return status
 
-    async def _in_transaction(self, work: Callable[[asyncpg.Connection], Any]) -> Any:
-        """await work(connection) inside one transaction, committed before this returns."""
+    async def _with_connection(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        pool = self.pool
+        conn = pool.take()
         try:
-            async with self.pool.acquire(timeout=self._timeout) as conn:
-                try:
-                    async with conn.transaction():
-                        return await work(conn)
-                except Exception as exc:
-                    _close_if_broken(conn, exc)
-                    raise
-        except Exception as exc:
-            raise self._translated(exc) from exc
+            if conn is None:
+                conn = await pool.acquire()
+            result = await work(conn)
+        except BaseException as exc:
+            error = self._failed(conn, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        pool.release(conn)
+        return result
+
+    async def _in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """await work(connection) inside one transaction, committed before this returns."""
+
+        async def transaction(conn: asyncpg.Connection) -> T:
+            async with conn.transaction():
+                return await work(conn)
+
+        return await self._with_connection(transaction)
+
+    def _failed(self, conn: Any, exc: BaseException) -> BaseException:
+        """What to raise for exc, having given conn (if any) back to the pool or closed it: a
+        connection is kept only after an error the server reported, on a connection it kept
+        open (a refused statement: its transaction was rolled back)."""
+        import asyncpg
+
+        if conn is not None:
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(
+                exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError
+            ):
+                self.pool.release(conn)
+            else:
+                self.pool.discard(conn)
+        return self._translated(exc)
 
     def _translated(self, exc: BaseException) -> BaseException:
         error = translated(exc)
@@ -328,15 +416,7 @@ class PostgresStore:
     # --- health --------------------------------------------------------------------------------
 
     async def schema_version(self) -> int:
-        try:
-            async with self.pool.acquire(timeout=self._timeout) as conn:
-                try:
-                    return await read_version(conn)
-                except Exception as exc:
-                    _close_if_broken(conn, exc)
-                    raise
-        except Exception as exc:
-            raise self._translated(exc) from exc
+        return await self._with_connection(read_version)
 
     async def describe(self) -> dict[str, Any]:
         """What init-db reports: the database (its url without a password), its schema
@@ -713,33 +793,108 @@ class PostgresStore:
     ) -> None:
         if admitted_on is None:
             await self._execute(INSERT_SESSION, *session)
-        else:
-            a = admitted_on
+            self._count(session.api_key_id, session.created_at, 0)
+            return
+        await self._inserts.submit((session, admitted_on))
+
+    async def _insert_admitted(
+        self, batch: list[tuple[NewSession, KeyState]]
+    ) -> list[BaseException | None]:
+        """Store each token whose key is still in the state it was admitted on, in one
+        statement; the others' result is KeyChanged."""
+        import asyncpg
+
+        if len(batch) == 1:
+            session, a = batch[0]
             status = await self._execute(
                 INSERT_ADMITTED_SESSION,
                 *session,
-                a.org_id, a.key_hash, a.is_active,
-                None if a.allowed_game_ids is None else json.dumps(a.allowed_game_ids),
-                None if a.allowed_stream_ids is None else json.dumps(a.allowed_stream_ids),
-                a.rate_limit_per_minute, a.rate_limit_per_day, a.expires_at, a.tier,
+                a.org_id, a.key_hash, a.is_active, _json_list(a.allowed_game_ids),
+                _json_list(a.allowed_stream_ids), a.rate_limit_per_minute,
+                a.rate_limit_per_day, a.expires_at, a.tier,
             )  # fmt: skip
-            if _row_count(status) == 0:
-                raise KeyChanged(session.api_key_id)
-        self._count(session.api_key_id, session.created_at, 0)
+            stored = {session.token} if _row_count(status) else set()
+        else:
+            columns: list[list[Any]] = [[] for _ in range(18)]
+            for session, a in batch:
+                for column, value in zip(
+                    columns,
+                    (*session, a.org_id, a.key_hash, a.is_active,
+                     _json_list(a.allowed_game_ids), _json_list(a.allowed_stream_ids),
+                     a.rate_limit_per_minute, a.rate_limit_per_day, a.expires_at, a.tier),
+                    strict=True,
+                ):  # fmt: skip
+                    column.append(value)
+            try:
+                rows = await self._fetch(INSERT_ADMITTED_SESSIONS, *columns)
+            except StorageError:
+                raise
+            except asyncpg.PostgresError:
+                # One row the database refuses (a constraint) must not fail the others.
+                return [await self._insert_alone(session, a) for session, a in batch]
+            stored = {bytes(row[0]) for row in rows}
+        results: list[BaseException | None] = []
+        for session, _state in batch:
+            if session.token in stored:
+                self._count(session.api_key_id, session.created_at, 0)
+                results.append(None)
+            else:
+                results.append(KeyChanged(session.api_key_id))
+        return results
+
+    async def _insert_alone(self, session: NewSession, state: KeyState) -> BaseException | None:
+        try:
+            [result] = await self._insert_admitted([(session, state)])
+        except Exception as exc:
+            return exc
+        return result
 
     async def get_session(self, token: bytes) -> Session | None:
-        row = await self._fetchrow(GET_SESSION, token)
-        return None if row is None else Session._make(row)
+        session: Session | None = await self._gets.submit(token)
+        return session
+
+    async def _get_sessions(self, tokens: list[bytes]) -> list[Session | None]:
+        if len(tokens) == 1:
+            row = await self._fetchrow(GET_SESSION, tokens[0])
+            return [None if row is None else Session._make(row)]
+        rows = await self._fetch(GET_SESSIONS, tokens)
+        found = {bytes(row[0]): Session._make(row[1:]) for row in rows}
+        return [found.get(token) for token in tokens]
 
     async def consume_session(
         self, token: bytes, player_uuid: str | None, now: int
     ) -> Session | None:
-        row = await self._fetchrow(CONSUME_SESSION, token, player_uuid, now)
-        if row is None:
-            return None
-        session = Session._make(row)
-        self._count(session.api_key_id, now, 1)
+        session: Session | None = await self._consumes.submit((token, player_uuid, now))
         return session
+
+    async def _consume_sessions(
+        self, asks: list[tuple[bytes, str | None, int]]
+    ) -> list[Session | None]:
+        """Consume the tokens asked for, in one statement. A token asked for twice in one
+        batch is won by its first asker only (the others get None, as they would a moment
+        later)."""
+        first: dict[bytes, int] = {}
+        for index, ask in enumerate(asks):
+            first.setdefault(ask[0], index)
+        results: list[Session | None] = [None] * len(asks)
+        if len(first) == 1:
+            index = next(iter(first.values()))
+            row = await self._fetchrow(CONSUME_SESSION, *asks[index])
+            won = {} if row is None else {asks[index][0]: Session._make(row)}
+        else:
+            unique = [asks[index] for index in first.values()]
+            rows = await self._fetch(
+                CONSUME_SESSIONS,
+                [ask[0] for ask in unique],
+                [ask[1] for ask in unique],
+                [ask[2] for ask in unique],
+            )
+            won = {bytes(row[0]): Session._make(row[1:]) for row in rows}
+        for token, session in won.items():
+            index = first[token]
+            results[index] = session
+            self._count(session.api_key_id, asks[index][2], 1)
+        return results
 
     # --- retention -----------------------------------------------------------------------------
 
@@ -770,13 +925,9 @@ class PostgresStore:
         return deleted
 
 
-def _close_if_broken(conn: Any, exc: Exception) -> None:
-    """Close a connection that failed in a way that leaves it unusable: its protocol out of
-    step with the server's (asyncpg's InternalClientError)."""
-    import asyncpg
-
-    if isinstance(exc, asyncpg.InternalClientError):
-        conn.terminate()
+def _json_list(ids: list[int] | None) -> str | None:
+    """An allow-list as the JSON text a jsonb parameter takes (None: every id)."""
+    return None if ids is None else json.dumps(ids)
 
 
 def _row_count(status: str) -> int:
