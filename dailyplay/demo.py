@@ -148,7 +148,11 @@ def prepare_demo(
     info = {
         "url": url,
         "config": str(config_path),
-        "database": settings.database.path,
+        "database": (
+            settings.database.path
+            if settings.database.engine == "sqlite"
+            else settings.database.display
+        ),
         "org_id": org_id,
         "api_key_id": key_row.id,
         "api_key": raw_key,
