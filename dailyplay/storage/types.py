@@ -33,6 +33,8 @@ USAGE_FIELDS = (
     "sessions_consumed_30d",
 )
 NO_USAGE = dict.fromkeys(USAGE_FIELDS, 0)
+# Usage is kept for the longest window listings show (30 days) and a day more.
+USAGE_KEPT_HOURS = 31 * 24
 
 
 @dataclass(frozen=True)

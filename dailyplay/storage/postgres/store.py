@@ -14,9 +14,20 @@ from ... import audit
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
 from ..errors import Duplicate, KeyChanged, StorageError, StorageFull, StorageUnavailable
+from ..rows import (
+    API_KEY_COLUMNS,
+    AUDIT_COLUMNS,
+    ORG_COLUMNS,
+    SESSION_COLUMNS,
+    api_key,
+    audit_entry,
+    key_state,
+    org,
+)
 from ..types import (
     MUTABLE_KEY_COLUMNS,
     USAGE_FIELDS,
+    USAGE_KEPT_HOURS,
     Actor,
     ApiKey,
     AuditEntry,
@@ -27,7 +38,6 @@ from ..types import (
     Org,
     OrgListing,
     Session,
-    allow_list,
 )
 from .batch import Batcher
 from .pool import ConnectionPool
@@ -43,21 +53,9 @@ T = TypeVar("T")
 PURGE_BATCH = 500
 # How often token counts per key and hour (key listings' usage) are added to the database.
 USAGE_FLUSH_SECONDS = 1.0
-# Usage is kept for the longest window listings show (30 days) and a day more.
-USAGE_KEPT_HOURS = 31 * 24
 # Longest a new connection may take to open (each worker opens its own, when its pool needs one).
 CONNECT_TIMEOUT_SECONDS = 5.0
 
-ORG_COLUMNS = "id, name, tier, external_id, created_at"
-API_KEY_COLUMNS = (
-    "id, org_id, name, description, key_prefix, is_active, allowed_game_ids, allowed_stream_ids,"
-    " rate_limit_per_minute, rate_limit_per_day, expires_at, created_at, updated_at, last_used_at"
-)
-SESSION_COLUMNS = (
-    "id, org_id, api_key_id, game_id, stream_id, external_ref, metadata, status, created_at,"
-    " expires_at, consumed_at, revoked_at"
-)
-AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
 INSERT_SESSION = (
     "INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
     " metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -142,44 +140,6 @@ _FINISHED_BEFORE = (
 )
 
 
-def _org(row: Any) -> Org:
-    return Org(row["id"], row["name"], row["tier"], row["external_id"], row["created_at"])
-
-
-def _api_key(row: Any) -> ApiKey:
-    return ApiKey(
-        id=row["id"],
-        org_id=row["org_id"],
-        name=row["name"],
-        description=row["description"],
-        key_prefix=row["key_prefix"],
-        is_active=row["is_active"],
-        allowed_game_ids=allow_list(row["allowed_game_ids"]),
-        allowed_stream_ids=allow_list(row["allowed_stream_ids"]),
-        rate_limit_per_minute=row["rate_limit_per_minute"],
-        rate_limit_per_day=row["rate_limit_per_day"],
-        expires_at=row["expires_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_used_at=row["last_used_at"],
-    )
-
-
-def _key_state(row: Any) -> KeyState:
-    return KeyState(
-        key_id=row["id"],
-        org_id=row["org_id"],
-        key_hash=row["key_hash"],
-        is_active=row["is_active"],
-        allowed_game_ids=allow_list(row["allowed_game_ids"]),
-        allowed_stream_ids=allow_list(row["allowed_stream_ids"]),
-        rate_limit_per_minute=row["rate_limit_per_minute"],
-        rate_limit_per_day=row["rate_limit_per_day"],
-        expires_at=row["expires_at"],
-        tier=row["tier"],
-    )
-
-
 def _stored_form(row: Any) -> dict[str, Any]:
     """A key row in the stored forms the audit trail records (those of SQLite's columns and
     keys.key_changes): is_active 0 or 1, allow-lists as JSON text (jsonb prints `[1, 2]`, as
@@ -187,20 +147,6 @@ def _stored_form(row: Any) -> dict[str, Any]:
     stored = dict(row)
     stored["is_active"] = int(stored["is_active"])
     return stored
-
-
-def _audit_entry(row: Any) -> AuditEntry:
-    changes = row["changes"]
-    return AuditEntry(
-        id=row["id"],
-        at=row["at"],
-        org_id=row["org_id"],
-        actor=row["actor"],
-        action=row["action"],
-        api_key_id=row["api_key_id"],
-        client_ip=row["client_ip"],
-        changes=None if changes is None else json.loads(changes),
-    )
 
 
 async def _record_audit(
@@ -442,7 +388,7 @@ class PostgresStore:
 
     async def get_org(self, org_id: int) -> Org | None:
         row = await self._fetchrow(f"SELECT {ORG_COLUMNS} FROM orgs WHERE id = $1", org_id)
-        return None if row is None else _org(row)
+        return None if row is None else org(row)
 
     async def list_orgs(self) -> list[OrgListing]:
         rows = await self._fetch(
@@ -451,18 +397,17 @@ class PostgresStore:
             " (SELECT count(*) FROM api_keys k WHERE k.org_id = o.id) AS api_keys"
             " FROM orgs o ORDER BY o.id"
         )
-        return [OrgListing(_org(row), row["members"], row["api_keys"]) for row in rows]
+        return [OrgListing(org(row), row["members"], row["api_keys"]) for row in rows]
 
     async def find_org_by_external_id(self, external_id: str) -> Org | None:
         row = await self._fetchrow(
             f"SELECT {ORG_COLUMNS} FROM orgs WHERE external_id = $1", external_id
         )
-        return None if row is None else _org(row)
+        return None if row is None else org(row)
 
     async def create_org(
         self, name: str, tier: str, external_id: str | None, now: int, by: Actor
     ) -> Org:
-        import asyncpg
 
         async def work(conn: asyncpg.Connection) -> Org:
             row = await conn.fetchrow(
@@ -474,14 +419,9 @@ class PostgresStore:
                 raise Duplicate(f"an organization with external id {external_id!r} already exists")
             changes = audit.org_created(name, tier, external_id)
             await _record_audit(conn, now, row["id"], by, "org.create", None, changes)
-            return _org(row)
+            return org(row)
 
-        try:
-            result: Org = await self._in_transaction(work)
-        except asyncpg.UniqueViolationError:  # pragma: no cover - ON CONFLICT catches it first
-            raise Duplicate(
-                f"an organization with external id {external_id!r} already exists"
-            ) from None
+        result: Org = await self._in_transaction(work)
         return result
 
     async def set_org_tier(self, org_id: int, tier: str, now: int, by: Actor) -> Org | None:
@@ -497,7 +437,7 @@ class PostgresStore:
             changes = audit.tier_changed(before["tier"], tier)
             if changes is not None:
                 await _record_audit(conn, now, org_id, by, "org.tier_change", None, changes)
-            return _org(row)
+            return org(row)
 
         result: Org | None = await self._in_transaction(work)
         return result
@@ -563,7 +503,7 @@ class PostgresStore:
         rows = await self._fetch(
             f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY id", org_id
         )
-        return [_api_key(row) for row in rows]
+        return [api_key(row) for row in rows]
 
     async def key_usage(self, org_id: int, now: int) -> dict[int, dict[str, int]]:
         """Per key of the org: tokens created and consumed in the last 24 hours and 30 days
@@ -598,7 +538,7 @@ class PostgresStore:
             await _record_audit(
                 conn, row["created_at"], row["org_id"], by, "api_key.create", row["id"], changes
             )
-            return _api_key(row)
+            return api_key(row)
 
         key: ApiKey = await self._in_transaction(work)
         return key
@@ -637,7 +577,7 @@ class PostgresStore:
                 revoked = _row_count(await conn.execute(REVOKE_KEY_SESSIONS, now, key_id))
             action, diff = audit.key_updated(_stored_form(before), changes)
             await _record_audit(conn, now, org_id, by, action, key_id, diff)
-            return _api_key(row), revoked
+            return api_key(row), revoked
 
         result: tuple[ApiKey | None, int] = await self._in_transaction(work)
         return result
@@ -670,7 +610,7 @@ class PostgresStore:
 
     async def get_api_key_for_request(self, key_id: int) -> KeyState | None:
         row = await self._fetchrow(KEY_STATE, key_id)
-        return None if row is None else _key_state(row)
+        return None if row is None else key_state(row)
 
     async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[AuditEntry]:
         rows = await self._fetch(
@@ -678,7 +618,7 @@ class PostgresStore:
             " ORDER BY id DESC LIMIT $3",
             org_id, before_id if before_id is not None else 2**63 - 1, limit,
         )  # fmt: skip
-        return [_audit_entry(row) for row in rows]
+        return [audit_entry(row) for row in rows]
 
     # --- rate limits and usage -----------------------------------------------------------------
 

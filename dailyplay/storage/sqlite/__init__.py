@@ -12,6 +12,7 @@
 """
 
 from ..errors import KeyChanged, SchemaError
+from ..rows import API_KEY_COLUMNS, SESSION_COLUMNS
 from ..types import CLI, MUTABLE_KEY_COLUMNS, NO_USAGE, USAGE_FIELDS, Actor
 from .admin import (
     PURGE_BATCH,
@@ -46,13 +47,7 @@ from .schema import (
     schema_text,
     transaction,
 )
-from .statements import (
-    API_KEY_COLUMNS,
-    GET_SESSION,
-    KEY_STATE,
-    SESSION_COLUMNS,
-    record_audit,
-)
+from .statements import GET_SESSION, KEY_STATE, record_audit
 from .store import Database
 
 __all__ = [

@@ -9,6 +9,7 @@ from typing import Any
 from ... import audit
 from ...clock import HOUR_MS
 from ..errors import Duplicate
+from ..rows import API_KEY_COLUMNS, AUDIT_COLUMNS, ORG_COLUMNS, api_key, audit_entry, org
 from ..types import (
     CLI,
     MUTABLE_KEY_COLUMNS,
@@ -21,18 +22,7 @@ from ..types import (
     Org,
     OrgListing,
 )
-from .statements import (
-    API_KEY_COLUMNS,
-    AUDIT_COLUMNS,
-    INSERT_API_KEY,
-    INSERT_SESSION,
-    ORG_COLUMNS,
-    REVOKE_KEY_SESSIONS,
-    api_key,
-    audit_record,
-    org,
-    record_audit,
-)
+from .statements import INSERT_API_KEY, INSERT_SESSION, REVOKE_KEY_SESSIONS, record_audit
 
 # Tokens deleted per transaction by retention.
 PURGE_BATCH = 500
@@ -215,7 +205,7 @@ def list_audit(
         " ORDER BY id DESC LIMIT ?",
         (org_id, before_id if before_id is not None else 2**63 - 1, limit),
     ).fetchall()
-    return [audit_record(row) for row in rows]
+    return [audit_entry(row) for row in rows]
 
 
 def key_usage(conn: sqlite3.Connection, org_id: int, now: int) -> dict[int, dict[str, int]]:

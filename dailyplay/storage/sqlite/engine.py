@@ -19,9 +19,10 @@ from typing import Any
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
 from ..errors import KeyChanged
+from ..rows import key_state
 from ..types import KeyState, Session
 from .schema import _open, checkpoint, checkpoint_to_start_over, is_full, translated
-from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW, key_state
+from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW
 
 log = logging.getLogger("dailyplay.db")
 
@@ -471,10 +472,6 @@ def _admitted(
                 continue
         admitted.append(index)
     return admitted
-
-
-# Usage is kept for the longest window listings show (30 days) and a day more.
-USAGE_KEPT_HOURS = 31 * 24
 
 
 def _count_usage(conn: sqlite3.Connection, column: str, events: list[tuple[Any, int]]) -> None:

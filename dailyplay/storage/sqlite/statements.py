@@ -1,4 +1,5 @@
-"""SQLite: the SQL shared by the server and the CLI, and the audit trail's insert."""
+"""SQLite: the SQL shared by the server and the CLI, and the audit trail's insert (the rows
+they return are parsed by storage.rows)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import json
 import sqlite3
 from typing import Any
 
-from ..types import Actor, ApiKey, AuditEntry, KeyState, Org, allow_list
-
-AUDIT_COLUMNS = "id, at, org_id, actor, action, api_key_id, client_ip, changes"
+from ..rows import API_KEY_COLUMNS, SESSION_COLUMNS
+from ..types import Actor
 
 
 def record_audit(
@@ -31,10 +31,6 @@ def record_audit(
 
 # --- SQL shared by the server and the CLI -------------------------------------------------------
 
-API_KEY_COLUMNS = (
-    "id, org_id, name, description, key_prefix, is_active, allowed_game_ids, allowed_stream_ids,"
-    " rate_limit_per_minute, rate_limit_per_day, expires_at, created_at, updated_at, last_used_at"
-)
 SESSION_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 INSERT_SESSION_HEAD = (
     "INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
@@ -50,10 +46,6 @@ INSERT_API_KEY = (
 REVOKE_KEY_SESSIONS = (
     "UPDATE sessions SET status = 'revoked', revoked_at = ?"
     " WHERE api_key_id = ? AND status = 'active' AND expires_at > ?"
-)
-SESSION_COLUMNS = (
-    "id, org_id, api_key_id, game_id, stream_id, external_ref, metadata, status, created_at,"
-    " expires_at, consumed_at, revoked_at"
 )
 # Consumes a group's tokens in one statement. Batch rows are (ordinal, token, player_uuid, now);
 # for a token asked for twice, the first asker's values are the ones that count.
@@ -77,62 +69,3 @@ KEY_STATE = (
     " k.expires_at, o.tier FROM api_keys k JOIN orgs o ON o.id = k.org_id"
     " WHERE k.id = ?"
 )
-
-
-def key_state(row: sqlite3.Row) -> KeyState:
-    """A KEY_STATE row, parsed."""
-    return KeyState(
-        key_id=row["id"],
-        org_id=row["org_id"],
-        key_hash=row["key_hash"],
-        is_active=bool(row["is_active"]),
-        allowed_game_ids=allow_list(row["allowed_game_ids"]),
-        allowed_stream_ids=allow_list(row["allowed_stream_ids"]),
-        rate_limit_per_minute=row["rate_limit_per_minute"],
-        rate_limit_per_day=row["rate_limit_per_day"],
-        expires_at=row["expires_at"],
-        tier=row["tier"],
-    )
-
-
-ORG_COLUMNS = "id, name, tier, external_id, created_at"
-
-
-def org(row: sqlite3.Row) -> Org:
-    """A row of ORG_COLUMNS, parsed."""
-    return Org(row["id"], row["name"], row["tier"], row["external_id"], row["created_at"])
-
-
-def api_key(row: sqlite3.Row) -> ApiKey:
-    """A row of API_KEY_COLUMNS, parsed."""
-    return ApiKey(
-        id=row["id"],
-        org_id=row["org_id"],
-        name=row["name"],
-        description=row["description"],
-        key_prefix=row["key_prefix"],
-        is_active=bool(row["is_active"]),
-        allowed_game_ids=allow_list(row["allowed_game_ids"]),
-        allowed_stream_ids=allow_list(row["allowed_stream_ids"]),
-        rate_limit_per_minute=row["rate_limit_per_minute"],
-        rate_limit_per_day=row["rate_limit_per_day"],
-        expires_at=row["expires_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_used_at=row["last_used_at"],
-    )
-
-
-def audit_record(row: sqlite3.Row) -> AuditEntry:
-    """A row of AUDIT_COLUMNS, parsed."""
-    changes = row["changes"]
-    return AuditEntry(
-        id=row["id"],
-        at=row["at"],
-        org_id=row["org_id"],
-        actor=row["actor"],
-        action=row["action"],
-        api_key_id=row["api_key_id"],
-        client_ip=row["client_ip"],
-        changes=None if changes is None else json.loads(changes),
-    )

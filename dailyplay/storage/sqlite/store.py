@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 from ...config import DatabaseSettings
 from ..errors import StorageUnavailable
+from ..rows import key_state
 from ..types import (
+    USAGE_KEPT_HOURS,
     Actor,
     ApiKey,
     AuditEntry,
@@ -45,7 +47,6 @@ from .admin import (
 )
 from .engine import (
     READER_BUSY_TIMEOUT_MS,
-    USAGE_KEPT_HOURS,
     Checkpointer,
     WriterLock,
     WriterThread,
@@ -53,7 +54,7 @@ from .engine import (
     _Write,
 )
 from .schema import _open, check_directory, connect, reraise
-from .statements import GET_SESSION, KEY_STATE, key_state
+from .statements import GET_SESSION, KEY_STATE
 
 T = TypeVar("T")
 log = logging.getLogger("dailyplay.db")
