@@ -24,10 +24,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -35,7 +35,7 @@ from dailyplay import config
 from dailyplay.clock import now_ms
 from dailyplay.demo import write_config
 from dailyplay.keys import new_api_key
-from dailyplay.storage import Store, store_for
+from dailyplay.storage import Store, with_store
 from dailyplay.storage import sqlite as db
 from dailyplay.storage.types import CLI
 
@@ -43,7 +43,6 @@ HERE = Path(__file__).resolve().parent
 WORKLOADS = ("create", "validate", "consume", "mixed")
 BARE_FOR = {"create": "bare-post", "validate": "bare-get", "consume": "bare-post"}
 SEED_BATCH = 100_000
-T = TypeVar("T")
 
 
 @dataclass
@@ -232,19 +231,10 @@ def prepare_instance(
         key = await store.insert_api_key(values, CLI)
         return raw_key, org.id, key.id
 
-    raw_key, org_id, key_id = asyncio.run(with_store(settings, create))
+    raw_key, org_id, key_id = asyncio.run(with_store(settings.database, create))
     path = directory / "bench.toml"
     write_config(settings, path)
     return Instance(settings, path, raw_key, org_id, key_id)
-
-
-async def with_store(settings: config.Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = store_for(settings.database)
-    await store.open()
-    try:
-        return await work(store)
-    finally:
-        await store.close()
 
 
 SESSION_COLUMNS = (

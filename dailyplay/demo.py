@@ -13,10 +13,9 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -25,10 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import config
 from .clock import now_ms
 from .keys import new_api_key
-from .storage import Store, store_for
+from .storage import Store, with_store
 from .storage.types import CLI, ApiKey
-
-T = TypeVar("T")
 
 DEMO_ORG_EXTERNAL_ID = "org_demo"
 DEMO_ADMIN = "user_demo_admin"
@@ -94,15 +91,6 @@ def write_config(settings: config.Settings, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-async def _with_open_store(settings: config.Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = store_for(settings.database)
-    await store.open()
-    try:
-        return await work(store)
-    finally:
-        await store.close()
-
-
 def prepare_demo(
     directory: Path,
     host: str,
@@ -139,7 +127,7 @@ def prepare_demo(
         )
         return org.id, raw_key, await store.insert_api_key(values, CLI)
 
-    org_id, raw_key, key_row = asyncio.run(_with_open_store(settings, make))
+    org_id, raw_key, key_row = asyncio.run(with_store(settings.database, make))
     bearer = _admin_bearer(private_key, now)
     url = f"http://{host}:{port}"
     game = f"http://{host}:{game_port}" if game_port else None

@@ -30,11 +30,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.applications import Starlette
 
-from dailyplay import config
+from dailyplay import config, storage
 from dailyplay.app import create_app
 from dailyplay.clock import now_ms
 from dailyplay.storage import sqlite as db
-from dailyplay.storage import store_for
 from dailyplay.storage.types import CLI
 
 API = "/api/org-api-keys"
@@ -256,15 +255,7 @@ def with_store(settings: config.Settings, work: Callable[[Any], Any]) -> Any:
     """await work(store) on the settings' database (either engine), opened and closed here."""
     import asyncio
 
-    async def run() -> Any:
-        store = store_for(settings.database)
-        await store.open()
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return asyncio.run(storage.with_store(settings.database, work))
 
 
 def database_env(settings: config.Settings) -> dict[str, str]:

@@ -8,13 +8,16 @@ database.url in `store_for`. Both have the same schema versions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from ..config import DatabaseSettings
 from .base import Store
 from .sqlite.schema import SCHEMA_VERSION
 
-__all__ = ["SCHEMA_VERSION", "Store", "store_for"]
+__all__ = ["SCHEMA_VERSION", "Store", "store_for", "with_store"]
+
+T = TypeVar("T")
 
 
 def store_for(
@@ -32,3 +35,14 @@ def store_for(
     from .sqlite import Database
 
     return Database(settings, observe_commit)
+
+
+async def with_store(settings: DatabaseSettings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """await work(the store the settings describe), opened first (the schema created or
+    migrated) and closed afterwards, whatever work does."""
+    store = store_for(settings)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
