@@ -233,3 +233,26 @@ def test_usage_counted_in_a_process_is_written_when_it_closes(settings: config.S
         "SELECT sum(created), sum(consumed) FROM key_usage WHERE api_key_id = ?",
         (key_id,),
     ) == [(3, 1)]
+
+
+def test_a_refusal_of_the_service_s_own_keeps_the_connection(settings: config.Settings) -> None:
+    """A Duplicate raised inside a transaction rolls it back and leaves the connection fit:
+    the pool keeps it rather than closing it and opening another."""
+    from dailyplay.storage.errors import Duplicate
+    from dailyplay.storage.types import CLI
+
+    async def work(store: Store) -> tuple[int, int, list[object]]:
+        await store.create_org("Acme", "business", "org_dup", 1, CLI)
+        before = store.pool.size  # type: ignore[attr-defined]
+        refused = []
+        for _ in range(3):
+            try:
+                await store.create_org("Again", "business", "org_dup", 2, CLI)
+            except Duplicate as exc:
+                refused.append(exc)
+        return before, store.pool.size, refused  # type: ignore[attr-defined]
+
+    before, after, refused = with_store(settings, work)
+    assert len(refused) == 3
+    assert after == before
+    assert sql(settings, "SELECT count(*) FROM orgs") == [(1,)]

@@ -339,18 +339,13 @@ class PostgresStore:
         return await self._with_connection(transaction)
 
     def _failed(self, conn: Any, exc: BaseException) -> BaseException:
-        """What to raise for exc, having given conn (if any) back to the pool or closed it: a
-        connection is kept only after an error the server reported, on a connection it kept
-        open (a refused statement: its transaction was rolled back)."""
-        import asyncpg
-
+        """What to raise for exc, having given conn (if any) back to the pool, or closed it when
+        exc may have left it out of step with the server."""
         if conn is not None:
-            if isinstance(exc, asyncpg.PostgresError) and not isinstance(
-                exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError
-            ):
-                self.pool.release(conn)
-            else:
+            if _may_have_broken(exc):
                 self.pool.discard(conn)
+            else:
+                self.pool.release(conn)
         return self._translated(exc)
 
     def _translated(self, exc: BaseException) -> BaseException:
@@ -863,6 +858,26 @@ class PostgresStore:
                 if done < batch:
                     break
         return deleted
+
+
+def _may_have_broken(exc: BaseException) -> bool:
+    """Whether a connection may be unfit for another statement after exc: the client gave up on
+    a statement under way (a timeout, a cancellation), the connection failed or was cut by the
+    server, or the driver lost track of its protocol. After anything else (the server refused
+    a statement, or this module raised an error of its own, such as Duplicate) the transaction
+    was rolled back and the connection is fit; the pool still checks that it is open and
+    outside a transaction."""
+    import asyncpg
+
+    return not isinstance(exc, Exception) or isinstance(
+        exc,
+        TimeoutError
+        | OSError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.OperatorInterventionError,
+    )
 
 
 def _json_list(ids: list[int] | None) -> str | None:
