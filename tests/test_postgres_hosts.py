@@ -8,7 +8,6 @@ bound on connections.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -22,7 +21,7 @@ import httpx
 import pytest
 from conftest import API, SigningKey, add_org, serve, sql
 from test_resilience import Ledger, _load, make_key
-from test_server import _consume_all
+from test_server import assert_each_consumed_once, race_to_consume
 
 from dailyplay import config
 
@@ -65,25 +64,10 @@ def test_each_token_is_consumed_exactly_once_by_clients_racing_over_two_hosts(
         urls = [first.url, second.url]
         key = make_key(first.url, org, rsa_key, rate_limit_per_day=100_000)
         tokens = _create_tokens(urls, key, tokens_wanted)
-        ctx = multiprocessing.get_context("spawn")
-        queue = ctx.Queue()
-        start_at = time.time() + 2.0  # one start instant for all
-        procs = [
-            ctx.Process(target=_consume_all, args=(urls[n % 2], tokens, start_at, threads, queue))
-            for n in range(processes)
-        ]
-        for proc in procs:
-            proc.start()
-        results = [row for _ in procs for row in queue.get(timeout=180)]
-        for proc in procs:
-            proc.join(timeout=30)
+        results = race_to_consume(urls, tokens, processes, threads, timeout=180)  # both hosts
         assert "Traceback" not in first.log() + second.log()
-    wins = Counter(token for token, status, _ in results if status == 200)
-    statuses = Counter(status for _, status, _ in results)
-    assert set(statuses) <= {200, 410}, [r for r in results if r[1] not in (200, 410)][:3]
     assert len(results) == tokens_wanted * processes * threads
-    assert all(wins[token] == 1 for token in tokens), "a token was consumed twice or never"
-    assert statuses[200] == tokens_wanted
+    assert_each_consumed_once(results, tokens)
     assert sql(settings, "SELECT count(*) FROM sessions WHERE status = 'consumed'") == [
         (tokens_wanted,)
     ]
