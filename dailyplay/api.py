@@ -36,8 +36,10 @@ from .logs import note
 from .metrics import Metrics
 from .operations import ACTIONS, operation_name
 from .ratelimit import (
+    LOCKOUT,
     FailedAuthLimiter,
     KeyRateLimiter,
+    Lockout,
     PublicRateLimiter,
     WindowState,
     rate_limit_headers,
@@ -140,6 +142,7 @@ async def authenticate_bearer(services: Services, request: Request) -> Principal
             exc.kind = exc.kind or "bearer_invalid"
         raise
     note(request.scope, user_id=principal.user_id)
+    await services.auth_failures.confirm(request.scope.get(LOCKOUT), now_ms())
     return principal
 
 
@@ -184,14 +187,17 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
     verified = await services.key_verifier.verify(raw)
     if verified is None:
         raise ApiError(401, "invalid API key", kind="api_key_invalid")
+    lockout = request.scope.get(LOCKOUT)
     remembered = services.key_states.get(verified.key_id)
     if remembered is not None:
         try:
-            return await _admit(services, request, verified.key_hash, remembered, now, True)
+            return await _admit(
+                services, request, verified.key_hash, remembered, now, True, lockout
+            )
         except ApiError:
             pass  # perhaps out of date: decide on the current row
     state = await _read_key_state(services, verified.key_id)
-    return await _admit(services, request, verified.key_hash, state, now, False)
+    return await _admit(services, request, verified.key_hash, state, now, False, lockout)
 
 
 async def _read_key_state(services: Services, key_id: int) -> KeyState | None:
@@ -225,10 +231,11 @@ async def _admit(
     state: KeyState | None,
     now: int,
     remembered: bool,
+    lockout: Lockout | None = None,
 ) -> KeyContext:
     state = _check_key(request, key_hash, state, now)
     rate = await services.key_limiter.hit(
-        state.key_id, state.rate_limit_per_minute, state.rate_limit_per_day, now
+        state.key_id, state.rate_limit_per_minute, state.rate_limit_per_day, now, lockout
     )
     services.key_limiter.note_used(state.key_id, now)
     return KeyContext(state, rate, remembered)
@@ -366,7 +373,7 @@ async def validate_session(
     services: Services, request: Request, params: dict[str, str]
 ) -> Response:
     now = now_ms()
-    services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
+    await services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
     if "token" not in params:
         raise ApiError(400, "query parameter 'token' is required")
     token = inputs.session_token(params["token"])
@@ -391,7 +398,7 @@ async def validate_session(
 
 async def consume_session(services: Services, request: Request, params: dict[str, str]) -> Response:
     now = now_ms()
-    services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
+    await services.public_limiter.hit(client_ip(request, services.trusted_proxies), now)
     body = await read_body(services, request)
     inputs.check_fields(body, ("token", "player_uuid"), required=("token",))
     token = inputs.session_token(body["token"])
@@ -599,10 +606,13 @@ async def _run_operation(
     if operation.credential is None or inputs.header(request.scope, operation.credential) is None:
         return await operation.handler(services, request, params)
     caller = client_ip(request, services.trusted_proxies)
-    services.auth_failures.check(caller, now_ms())
+    # The lockout is confirmed once the credential passes (authenticate_*).
+    request.scope[LOCKOUT] = services.auth_failures.check(caller, now_ms())
     try:
         return await operation.handler(services, request, params)
     except ApiError as exc:
         if exc.status == 401:
-            services.auth_failures.record_failure(caller, now_ms())
+            locked_out = await services.auth_failures.record_failure(caller, now_ms())
+            if locked_out is not None:
+                raise locked_out from None
         raise

@@ -25,6 +25,7 @@ from .api import Services, client_ip, handle_org_api_keys
 from .auth import JwtVerifier
 from .background import running
 from .clock import now_ms
+from .counters import counters_for
 from .deadlines import Deadlines
 from .errors import ApiError
 from .keys import ApiKeyVerifier, KeyStates
@@ -369,12 +370,20 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
     lines = RequestLines(
         settings.server.log_format, on_drop=observed.log_line_dropped if observed else None
     )
+    try:
+        counters = counters_for(
+            settings.limits.storage_uri,
+            settings.limits.storage_timeout_ms,
+            observed.limits_storage_error if observed else None,
+        )
+    except ValueError as exc:
+        raise config.ConfigError(str(exc)) from None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = store_for(settings.database, observed.observe_commit if observed else None)
         await db.open()
-        key_limiter = KeyRateLimiter(db)
+        key_limiter = KeyRateLimiter(db, counters)
         app.state.services = Services(
             settings=settings,
             db=db,
@@ -382,8 +391,8 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
             key_states=KeyStates(),
             jwt=jwt_verifier,
             key_limiter=key_limiter,
-            public_limiter=PublicRateLimiter(settings.limits.public_per_minute),
-            auth_failures=FailedAuthLimiter(settings.limits.failed_auth_per_minute),
+            public_limiter=PublicRateLimiter(settings.limits.public_per_minute, counters),
+            auth_failures=FailedAuthLimiter(settings.limits.failed_auth_per_minute, counters),
             trusted_proxies=trusted,
             metrics=metrics,
             deadlines=Deadlines(),
@@ -397,9 +406,11 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
                 running(run_retention(db, settings.sessions.retention_days)),
                 flushing(key_limiter),
                 flushing_metrics(metrics),
+                running(counters.watch()),
             ):
                 yield
         finally:
+            await counters.close()
             app.state.services.deadlines.close()
             await jwt_verifier.aclose()
             await db.close()

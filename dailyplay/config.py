@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .counters import library_uri, uri_display
+
 MAX_EXPIRES_MINUTES = 525_600  # one year: the contract's upper bound for expires_in_minutes
 
 
@@ -123,6 +125,19 @@ class LimitSettings:
         10, "time allowed to send a request body; slower clients get 408"
     )
     max_metadata_bytes: int = _setting(8_192, "largest serialized session metadata")
+    storage_uri: str = _setting(
+        "",
+        "empty: counted in each process; redis://HOST:6379/0 (rediss://, redis+sentinel://, "
+        "redis+cluster://): every limit counted exactly across all processes and hosts",
+    )
+    storage_timeout_ms: int = _setting(
+        250, "longest a rate-limit count waits for Redis before counting in this process"
+    )
+
+    @property
+    def storage_display(self) -> str:
+        """limits.storage_uri without its password and query, for messages."""
+        return uri_display(self.storage_uri) if self.storage_uri else "this process"
 
 
 @dataclass(frozen=True)
@@ -350,6 +365,15 @@ def _check_ranges(s: Settings) -> None:
     need(0 <= s.sessions.retention_days <= 36_500, "sessions.retention_days must be 0..36500")
     need(s.limits.public_per_minute >= 0, "limits.public_per_minute must be >= 0")
     need(s.limits.failed_auth_per_minute >= 0, "limits.failed_auth_per_minute must be >= 0")
+    need(
+        10 <= s.limits.storage_timeout_ms <= 10_000,
+        "limits.storage_timeout_ms must be 10..10000",
+    )
+    if s.limits.storage_uri:
+        try:
+            library_uri(s.limits.storage_uri)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     need(1 <= s.limits.body_timeout_seconds <= 300, "limits.body_timeout_seconds must be 1..300")
     need(
         1 <= s.server.max_concurrent_requests <= 100_000,

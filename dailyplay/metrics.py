@@ -155,6 +155,11 @@ class Metrics:
             "dailyplay_log_lines_dropped",
             "Request log lines dropped because stderr did not take them in time",
         )
+        self.limits_storage_errors = counter(
+            "dailyplay_limits_storage_errors",
+            "Rate-limit counts that Redis failed or was too slow to answer (counted in the "
+            "process instead)",
+        )
         # Label children are looked up once per label value, not per request.
         self._per_request: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._errors: dict[tuple[str, str], Any] = {}
@@ -200,6 +205,9 @@ class Metrics:
 
     def session_consumed(self) -> None:
         self._inc(self.sessions_consumed)
+
+    def limits_storage_error(self) -> None:
+        self._inc(self.limits_storage_errors)
 
     def log_line_dropped(self) -> None:
         self._inc(self.log_lines_dropped)

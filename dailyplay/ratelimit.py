@@ -1,37 +1,41 @@
-"""Rate limits: per API key (per minute and per UTC day) and per client IP for public operations.
+"""Rate limits: per API key (per minute and per UTC day), per client IP for public operations,
+and failed authentications per client IP.
 
-Counting happens in process with the `limits` library (fixed windows aligned to the clock: the
-window's number is part of the counter's identity), kept in WindowCounters, whose cost per hit
-does not grow with the number of active keys. Per-key counts are also added up in the
-database by a background flush about once a second, and read back when a process first sees a
-key in a window, so a restart does not hand out a fresh quota and several worker processes
-share one quota (each may overshoot by what the others admitted since their last flush).
+Counting is `limits`' fixed-window rule on fixed windows aligned to the clock, in the counters
+limits.storage_uri chooses (dailyplay.counters): this process's, or Redis's, shared exactly by
+every process and host.
+
+With this process's counters, per-key counts are also added up in the database by a background
+flush about once a second, and read back when a process first sees a key in a window, so a
+restart does not hand out a fresh quota and several worker processes share one quota (each may
+overshoot by what the others admitted since their last flush). Per-IP counts are then per
+process. With Redis every count is shared and exact, and the database keeps none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
-from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
-from limits.storage import Storage
-from limits.strategies import FixedWindowRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter
 
 from .background import log_failed_pass, running
 from .clock import DAY_MS, MINUTE_MS
 from .clock import now_ms as current_ms
+from .counters import LocalCounters, SharedCounters, Window
 from .errors import ApiError
 from .storage import Store
 
 log = logging.getLogger("dailyplay.ratelimit")
 
-SPANS = {"minute": MINUTE_MS, "day": DAY_MS}
+Counters = LocalCounters | SharedCounters
+
+# The request scope's entry for the client's Lockout (FailedAuthLimiter.check).
+LOCKOUT = "dailyplay.lockout"
 
 
 class WindowState(NamedTuple):
@@ -55,7 +59,7 @@ def _retry_after(reset_ms: int, now_ms: int) -> str:
     return str(max(1, -(-(reset_ms - now_ms) // 1000)))
 
 
-def _too_many(message: str, window: _Window, now_ms: int, kind: str) -> ApiError:
+def _too_many(message: str, window: Window, now_ms: int, kind: str) -> ApiError:
     """The 429 for an exhausted window: Retry-After and X-RateLimit-* with nothing remaining."""
     return ApiError(
         429,
@@ -68,128 +72,19 @@ def _too_many(message: str, window: _Window, now_ms: int, kind: str) -> ApiError
     )
 
 
-class WindowCounters(Storage):
-    """`limits` storage for fixed windows: plain counters in a dict, expired lazily.
-
-    limits' own MemoryStorage starts a timer thread about every 10 ms while it is being hit,
-    and each run walks every key, so its cost per hit grows with the number of active keys
-    (and the thread competes for the GIL). Here each counter's expiry goes on a heap when the
-    counter is created; every call first drops the counters whose time has passed (amortised
-    O(log n) per counter over its whole life, nothing per hit), so the cost of a hit does not
-    depend on how many keys are active. Used from the event loop's thread only.
-    """
-
-    # limits declares this as an instance variable, though it reads it from the class
-    STORAGE_SCHEME: ClassVar[list[str]] = ["dailyplay-memory"]  # type: ignore[misc]
-
-    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str):
-        self._counts: dict[str, list[float]] = {}  # key -> [count, expires_at (monotonic)]
-        self._expiries: list[tuple[float, str]] = []
-        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
-
-    @property
-    def base_exceptions(self) -> type[Exception]:
-        return ValueError
-
-    def _expire(self, now: float) -> None:
-        expiries, counts = self._expiries, self._counts
-        while expiries and expiries[0][0] <= now:
-            at, key = heapq.heappop(expiries)
-            entry = counts.get(key)
-            if entry is not None and entry[1] == at:
-                del counts[key]
-
-    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        now = time.monotonic()
-        self._expire(now)
-        entry = self._counts.get(key)
-        if entry is None:
-            entry = self._counts[key] = [0, now + expiry]
-            heapq.heappush(self._expiries, (entry[1], key))
-        entry[0] += amount
-        return int(entry[0])
-
-    def take(self, windows: tuple[_Window, ...], now_ms: int) -> list[int] | _Window:
-        """One hit counted in every window, or in none of them when one is used up (the
-        fixed-window rule of limits' strategy, as in get() then incr() for each window, with one
-        expiry pass): the counts after the hit, or the window that was used up."""
-        now = time.monotonic()
-        self._expire(now)
-        counts = self._counts
-        for window in windows:
-            entry = counts.get(window.storage_key)
-            if entry is not None and entry[0] >= window.amount:
-                return window
-        used = []
-        for window in windows:
-            key = window.storage_key
-            entry = counts.get(key)
-            if entry is None:
-                entry = counts[key] = [0, now + window.expiry_seconds(now_ms)]
-                heapq.heappush(self._expiries, (entry[1], key))
-            entry[0] += 1
-            used.append(int(entry[0]))
-        return used
-
-    def get(self, key: str) -> int:
-        self._expire(time.monotonic())
-        entry = self._counts.get(key)
-        return 0 if entry is None else int(entry[0])
-
-    def get_expiry(self, key: str) -> float:
-        now = time.monotonic()
-        self._expire(now)
-        entry = self._counts.get(key)
-        return time.time() + (0.0 if entry is None else entry[1] - now)
-
-    def check(self) -> bool:
-        return True
-
-    def reset(self) -> int:
-        cleared = len(self._counts)
-        self._counts.clear()
-        self._expiries.clear()
-        return cleared
-
-    def clear(self, key: str) -> None:
-        self._counts.pop(key, None)
-
-
-class _Window:
-    """One clock-aligned fixed window of a given span for a limit amount."""
-
-    def __init__(self, span: str, amount: int, now_ms: int, subject: str = ""):
-        self.span = span
-        self.length_ms = SPANS[span]
-        self.period = now_ms // self.length_ms
-        self.reset_ms = (self.period + 1) * self.length_ms
-        self.item: RateLimitItem = (
-            RateLimitItemPerMinute(amount) if span == "minute" else RateLimitItemPerDay(amount)
-        )
-        self.amount = amount
-        # The counter's key in the storage, as limits' strategies name it.
-        self.storage_key = self.item.key_for(*self.identifiers(subject))
-
-    def identifiers(self, subject: str) -> tuple[str, str]:
-        return subject, str(self.period)
-
-    def expiry_seconds(self, now_ms: int) -> float:
-        return (self.reset_ms - now_ms) / 1000 + 1
-
-
 @dataclass
 class _Unflushed:
     hits: int
     storage_key: str
-    window: _Window
+    window: Window
 
 
 @dataclass
 class _KeyWindows:
     """A key's minute and day windows as of its last request, reused while they last."""
 
-    minute: _Window
-    day: _Window
+    minute: Window
+    day: Window
     minute_slot: tuple[int, str, int]
     day_slot: tuple[int, str, int]
 
@@ -211,19 +106,21 @@ class KeyRateLimiter:
     per window rather than on every request.
     """
 
-    def __init__(self, db: Store):
+    def __init__(self, db: Store, counters: Counters | None = None):
         self._db = db
-        self._storage = WindowCounters()
+        self._counters = counters if counters is not None else LocalCounters()
+        # This process's counts are kept in the database too; shared ones need not be.
+        self._persist = not self._counters.shared
         self._seeded: set[str] = set()
         self._seeding: dict[str, asyncio.Future[None]] = {}
         self._unflushed: dict[tuple[int, str, int], _Unflushed] = {}
         self._last_used: dict[int, int] = {}
         self._windows: dict[int, _KeyWindows] = {}
 
-    async def _seed(self, key_id: int, windows: list[_Window], now_ms: int) -> None:
+    async def _seed(self, key_id: int, windows: list[Window], now_ms: int) -> None:
         """Load what the database already counted for these windows, once per process."""
         missing = [w for w in windows if w.storage_key not in self._seeded]
-        if not missing:
+        if not missing or not self._persist:
             return
         marker = "|".join(w.storage_key for w in missing)
         pending = self._seeding.get(marker)
@@ -240,7 +137,9 @@ class KeyRateLimiter:
             for window in missing:
                 hits = stored.get(window.span, 0)
                 if hits > 0:
-                    self._storage.incr(window.storage_key, window.expiry_seconds(now_ms), hits)
+                    self._counters.counts.incr(
+                        window.storage_key, window.expiry_seconds(now_ms), hits
+                    )
                 self._seeded.add(window.storage_key)
         finally:
             del self._seeding[marker]
@@ -253,8 +152,8 @@ class KeyRateLimiter:
         if windows is not None and windows.current(per_minute, per_day, now_ms):
             return windows
         subject = str(key_id)
-        minute = _Window("minute", per_minute, now_ms, subject)
-        day = _Window("day", per_day, now_ms, subject)
+        minute = Window("minute", per_minute, now_ms, subject, by_amount=False)
+        day = Window("day", per_day, now_ms, subject, by_amount=False)
         await self._seed(key_id, [minute, day], now_ms)
         windows = _KeyWindows(
             minute, day, (key_id, "minute", minute.period), (key_id, "day", day.period)
@@ -262,14 +161,26 @@ class KeyRateLimiter:
         self._windows[key_id] = windows
         return windows
 
-    async def hit(self, key_id: int, per_minute: int, per_day: int, now_ms: int) -> WindowState:
-        """Count one request; ApiError 429 (nothing counted) when either window is exhausted."""
+    async def hit(
+        self,
+        key_id: int,
+        per_minute: int,
+        per_day: int,
+        now_ms: int,
+        lockout: Lockout | None = None,
+    ) -> WindowState:
+        """Count one request; ApiError 429 (nothing counted) when either window is exhausted,
+        or when `lockout` (the client's failed authentications) is used up."""
         windows = self._windows.get(key_id)
         if windows is None or not windows.current(per_minute, per_day, now_ms):
             windows = await self._windows_for(key_id, per_minute, per_day, now_ms)
         minute, day = windows.minute, windows.day
-        used = self._storage.take((minute, day), now_ms)
-        if isinstance(used, _Window):
+        used = await self._counters.take(
+            (minute, day), now_ms, None if lockout is None else lockout.window
+        )
+        if isinstance(used, Window):
+            if lockout is not None and used is lockout.window:
+                raise lockout.refusal(now_ms)
             which = "per-minute" if used.span == "minute" else "per-day"
             raise _too_many(
                 f"rate limit exceeded: this API key's {which} limit of "
@@ -278,12 +189,13 @@ class KeyRateLimiter:
                 now_ms,
                 f"key_per_{used.span}",
             )
-        unflushed = self._unflushed
-        for window, slot in ((minute, windows.minute_slot), (day, windows.day_slot)):
-            entry = unflushed.get(slot)
-            if entry is None:
-                entry = unflushed[slot] = _Unflushed(0, window.storage_key, window)
-            entry.hits += 1
+        if self._persist:
+            unflushed = self._unflushed
+            for window, slot in ((minute, windows.minute_slot), (day, windows.day_slot)):
+                entry = unflushed.get(slot)
+                if entry is None:
+                    entry = unflushed[slot] = _Unflushed(0, window.storage_key, window)
+                entry.hits += 1
         # The window with fewer requests left (the minute's on a tie) sets the headers.
         minute_left = max(0, minute.amount - used[0])
         day_left = max(0, day.amount - used[1])
@@ -316,9 +228,9 @@ class KeyRateLimiter:
             raise
         for slot, total in totals.items():
             entry = unflushed[slot]
-            local = self._storage.get(entry.storage_key)
+            local = self._counters.counts.get(entry.storage_key)
             if total > local and entry.window.reset_ms > now_ms:
-                self._storage.incr(
+                self._counters.counts.incr(
                     entry.storage_key, entry.window.expiry_seconds(now_ms), total - local
                 )
 
@@ -331,26 +243,27 @@ class KeyRateLimiter:
 
 
 class _PerClientLimiter:
-    """A per-minute count per client IP, kept in this process (0: unlimited)."""
+    """A per-minute count per client IP (0: unlimited), by limits' fixed-window strategy."""
 
     # The 429's message ({limit} is the per-minute limit) and its kind for metrics.
     refusal = ""
     kind = ""
 
-    def __init__(self, per_minute: int):
+    def __init__(self, per_minute: int, counters: Counters | None = None):
         self._per_minute = per_minute
-        self._storage = WindowCounters()
-        self._limiter = FixedWindowRateLimiter(self._storage)
+        self._counters = counters if counters is not None else LocalCounters()
+        self._limiter = FixedWindowRateLimiter(self._counters)
 
-    def _admit(self, client_ip: str, now_ms: int, *, count: bool) -> None:
-        """429 when the client's minute is used up; count this request too when `count`."""
-        if self._per_minute <= 0:
-            return
-        window = _Window("minute", self._per_minute, now_ms)
-        identifiers = window.identifiers(client_ip)
-        admitted = self._limiter.hit if count else self._limiter.test
-        if not admitted(window.item, *identifiers):
-            raise _too_many(self.refusal.format(limit=self._per_minute), window, now_ms, self.kind)
+    def _window(self, client_ip: str, now_ms: int) -> Window:
+        return Window("minute", self._per_minute, now_ms, client_ip)
+
+    def too_many(self, window: Window, now_ms: int) -> ApiError:
+        return _too_many(self.refusal.format(limit=self._per_minute), window, now_ms, self.kind)
+
+    async def _hit(self, client_ip: str, now_ms: int) -> bool:
+        """Count a request in the client's minute: False when that went past the limit."""
+        window = self._window(client_ip, now_ms)
+        return await self._limiter.hit(window.item, *window.identifiers(client_ip))
 
 
 class PublicRateLimiter(_PerClientLimiter):
@@ -359,8 +272,20 @@ class PublicRateLimiter(_PerClientLimiter):
     refusal = "rate limit exceeded: at most {limit} requests per minute from one client address"
     kind = "client_ip"
 
-    def hit(self, client_ip: str, now_ms: int) -> None:
-        self._admit(client_ip, now_ms, count=True)
+    async def hit(self, client_ip: str, now_ms: int) -> None:
+        if self._per_minute > 0 and not await self._hit(client_ip, now_ms):
+            raise self.too_many(self._window(client_ip, now_ms), now_ms)
+
+
+@dataclass(frozen=True)
+class Lockout:
+    """A client's failed-authentication window, to be checked once it has authenticated."""
+
+    window: Window
+    limiter: FailedAuthLimiter
+
+    def refusal(self, now_ms: int) -> ApiError:
+        return self.limiter.too_many(self.window, now_ms)
 
 
 class FailedAuthLimiter(_PerClientLimiter):
@@ -368,6 +293,12 @@ class FailedAuthLimiter(_PerClientLimiter):
 
     Past the limit the client's authenticated requests get 429 before any credential is
     checked, so guessing keys or replaying stolen JWTs costs a minute per few dozen tries.
+
+    check() decides on the counts this process knows without waiting (with shared counters,
+    those Redis last answered), so a client another process locked out may have one credential
+    checked here: the failure it records then answers 429, not 401 (no more than the limit of
+    401s in all), and a credential that passes is confirmed against the shared count, within
+    the request's one round trip for create-session (KeyRateLimiter.hit's lockout).
     """
 
     refusal = (
@@ -376,13 +307,29 @@ class FailedAuthLimiter(_PerClientLimiter):
     )
     kind = "failed_auth"
 
-    def check(self, client_ip: str, now_ms: int) -> None:
-        self._admit(client_ip, now_ms, count=False)
+    def check(self, client_ip: str, now_ms: int) -> Lockout | None:
+        """429 when the client is known to be locked out; else its lockout to confirm after it
+        authenticates (None: unlimited)."""
+        if self._per_minute <= 0:
+            return None
+        window = self._window(client_ip, now_ms)
+        if self._counters.peek(window.storage_key) >= window.amount:
+            raise self.too_many(window, now_ms)
+        return Lockout(window, self)
 
-    def record_failure(self, client_ip: str, now_ms: int) -> None:
-        if self._per_minute > 0:
-            window = _Window("minute", self._per_minute, now_ms)
-            self._limiter.hit(window.item, *window.identifiers(client_ip))
+    async def confirm(self, lockout: Lockout | None, now_ms: int) -> None:
+        """After a credential passed: 429 when the client is locked out (by any process)."""
+        if lockout is not None:
+            refused = await self._counters.take((), now_ms, lockout.window)
+            if isinstance(refused, Window):
+                raise lockout.refusal(now_ms)
+
+    async def record_failure(self, client_ip: str, now_ms: int) -> ApiError | None:
+        """Count a failed authentication: the 429 to answer instead of the 401 when the client
+        was already past the limit (None: answer the 401)."""
+        if self._per_minute <= 0 or await self._hit(client_ip, now_ms):
+            return None
+        return self.too_many(self._window(client_ip, now_ms), now_ms)
 
 
 async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:

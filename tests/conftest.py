@@ -99,9 +99,17 @@ ENGINES = ("sqlite", "postgresql")
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test of a module marked both_engines runs on each engine (unless sqlite_only); a
     test marked postgres runs on PostgreSQL only."""
+    definition = metafunc.definition
+    if "limits_storage" in metafunc.fixturenames and definition.get_closest_marker(
+        "both_limit_storages"
+    ):
+        metafunc.parametrize(
+            "limits_storage",
+            ["local", pytest.param("redis", marks=[pytest.mark.redis])],
+            indirect=True,
+        )
     if "engine" not in metafunc.fixturenames:
         return
-    definition = metafunc.definition
     if definition.get_closest_marker("postgres"):
         metafunc.parametrize("engine", ["postgresql"], indirect=True)
     elif definition.get_closest_marker("both_engines") and not definition.get_closest_marker(
@@ -119,6 +127,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def engine(request: pytest.FixtureRequest) -> str:
     """The engine of this test's settings: SQLite, unless the test runs on each engine."""
     return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def limits_storage(request: pytest.FixtureRequest) -> str:
+    """Where this test's settings count rate limits: in the process, unless the test runs on
+    each kind (both_limit_storages): then also in Redis (limits.storage_uri)."""
+    return str(getattr(request, "param", "local"))
 
 
 @pytest.fixture(scope="session")
@@ -158,20 +173,60 @@ def fresh_postgres_url(postgres_server: Any) -> Iterator[str]:
     postgres_server.drop_database(url.rsplit("/", 1)[1])
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A throwaway Redis server for the whole run (its data flushed by redis_url)."""
+    from bench.redis import ThrowawayRedis, binary
+
+    require(
+        "redis-server",
+        binary() is not None,
+        "install Debian's redis-server package (.ci/run does)",
+    )
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        require("the redis package", False, "pip install -e '.[test]'")
+    server = ThrowawayRedis().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    """limits.storage_uri of the throwaway Redis, emptied for this test (and started again if
+    an earlier test killed it)."""
+    redis_server.resume()
+    if not redis_server.ping():
+        redis_server.kill()
+        redis_server.start()
+    redis_server.flush()
+    return str(redis_server.url)
+
+
 @pytest.fixture
 def make_settings(
-    tmp_path: Path, rsa_key: SigningKey, engine: str, request: pytest.FixtureRequest
+    tmp_path: Path,
+    rsa_key: SigningKey,
+    engine: str,
+    limits_storage: str,
+    request: pytest.FixtureRequest,
 ) -> Callable[..., config.Settings]:
     """Settings on a fresh database of the test's engine (tmp_path's SQLite file, or a
-    PostgreSQL database), verifying JWTs with rsa_key; sections overridable."""
+    PostgreSQL database), with rate limits counted where limits_storage says, verifying JWTs
+    with rsa_key; sections overridable."""
     pem = tmp_path / "jwt-public.pem"
     pem.write_bytes(rsa_key.public_pem)
     url = request.getfixturevalue("postgres_url") if engine == "postgresql" else ""
+    shared = request.getfixturevalue("redis_url") if limits_storage == "redis" else ""
 
     def build(**sections: dict[str, Any]) -> config.Settings:
         settings = config.Settings()
         settings = settings.replace("database", path=str(tmp_path / "dailyplay.db"), url=url)
         settings = settings.replace("auth", jwt_public_key=str(pem))
+        settings = settings.replace("limits", storage_uri=shared)
         for section, values in sections.items():
             settings = settings.replace(section, **values)
         return settings

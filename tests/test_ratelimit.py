@@ -10,7 +10,11 @@ from conftest import API, AppClient, World, add_org, assert_error, running_app, 
 
 from dailyplay.app import create_app
 
-pytestmark = [pytest.mark.both_engines, pytest.mark.usefixtures("fresh_minute")]
+pytestmark = [
+    pytest.mark.both_engines,
+    pytest.mark.both_limit_storages,
+    pytest.mark.usefixtures("fresh_minute"),
+]
 
 
 def test_per_minute_limit_counts_down_then_429(world: World) -> None:

@@ -37,6 +37,7 @@ def unknown_token_url() -> str:
 # --- failed authentications ---------------------------------------------------------------------
 
 
+@pytest.mark.both_limit_storages
 def test_bad_api_keys_lock_the_address_out_even_for_a_good_key(world: World, api_key: str) -> None:
     for _ in range(5):
         assert_error(world.create_session(generate_api_key()), 401, "invalid API key")
@@ -59,6 +60,7 @@ def test_bad_api_keys_lock_the_address_out_even_for_a_good_key(world: World, api
         assert response.status_code == 200, response.text
 
 
+@pytest.mark.both_limit_storages
 def test_bad_jwts_lock_the_address_out_of_key_management(
     world: World, other_rsa_key: SigningKey
 ) -> None:
@@ -73,6 +75,7 @@ def test_bad_jwts_lock_the_address_out_of_key_management(
     assert sql(world.settings, "SELECT * FROM api_keys") == before
 
 
+@pytest.mark.both_limit_storages
 def test_successful_and_forbidden_requests_do_not_count(world: World, api_key: str) -> None:
     for _ in range(10):
         assert world.create_session(api_key).status_code == 200
