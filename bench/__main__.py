@@ -360,73 +360,135 @@ def measure_service(
 
 
 ENGINES = ("sqlite", "postgresql")
+LIMIT_STORAGES = ("local", "redis")
+
+# Per-address limits high enough never to refuse the benchmark's one address, but counted.
+COUNTED_LIMITS = {"limits": {"public_per_minute": 10**9, "failed_auth_per_minute": 10**9}}
+
+
+def alternated(
+    args: argparse.Namespace, work: Path, prepare: dict[str, Callable[[Path, int], Instance]]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every workload against each kind of instance, for each worker count, in args.rounds
+    alternated rounds (a fresh instance each time): {workers: {kind: [measured, ...]}}."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for workers in args.workers:
+        by_kind: dict[str, list[dict[str, Any]]] = {kind: [] for kind in prepare}
+        for round_ in range(max(args.rounds, 1)):
+            order = list(prepare) if round_ % 2 == 0 else list(prepare)[::-1]
+            for kind in order:
+                name = f"{kind}-{workers}-{round_}"
+                instance = prepare[kind](work / name, workers)
+                by_kind[kind].append(measure_service(instance, args, work, name))
+        runs[str(workers)] = by_kind
+    return runs
 
 
 def measure_engines(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Every workload on SQLite and on PostgreSQL, for each worker count, in args.rounds
-    alternated rounds (a fresh database each time); medians, and PostgreSQL's req/s as a
-    multiple of SQLite's. PostgreSQL is a throwaway server on this machine (bench/postgres.py)
-    with PostgreSQL's default durability (fsync, synchronous_commit on), as SQLite keeps
-    synchronous=FULL: both answer only after their commit is on disk."""
+    """Every workload on SQLite and on PostgreSQL, alternated (alternated()); medians, and
+    PostgreSQL's req/s as a multiple of SQLite's. PostgreSQL is a throwaway server on this
+    machine (bench/postgres.py) with PostgreSQL's default durability (fsync,
+    synchronous_commit on), as SQLite keeps synchronous=FULL: both answer only after their
+    commit is on disk."""
     from bench.postgres import ThrowawayPostgres
 
     server = ThrowawayPostgres(durable=True).start()
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         server.setup_role()
-        for workers in args.workers:
-            by_engine: dict[str, list[dict[str, Any]]] = {engine: [] for engine in ENGINES}
-            for round_ in range(max(args.rounds, 1)):
-                order = ENGINES if round_ % 2 == 0 else ENGINES[::-1]
-                for engine in order:
-                    url = server.create_database() if engine == "postgresql" else ""
-                    name = f"{engine}-{workers}-{round_}"
-                    instance = prepare_instance(work / name, workers, database_url=url)
-                    by_engine[engine].append(measure_service(instance, args, work, name))
-            runs[str(workers)] = by_engine
+        runs = alternated(
+            args,
+            work,
+            {
+                "sqlite": lambda where, workers: prepare_instance(where, workers),
+                "postgresql": lambda where, workers: prepare_instance(
+                    where, workers, database_url=server.create_database()
+                ),
+            },
+        )
     finally:
         server.remove()
-    return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summarize_engines(runs)}
+    return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summarize_sides(runs)}
 
 
-def summarize_engines(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Per worker count and workload: each engine's median req/s and p99, and PostgreSQL's
-    req/s as a multiple of SQLite's (of the medians)."""
+def measure_limit_storages(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every workload with rate limits counted in each process and in Redis (a throwaway
+    redis-server on this machine, bench/redis.py), alternated (alternated()); the per-address
+    limits on (COUNTED_LIMITS), so that validate and consume count in Redis too."""
+    from bench.redis import ThrowawayRedis
+
+    server = ThrowawayRedis().start()
+    try:
+        runs = alternated(
+            args,
+            work,
+            {
+                "local": lambda where, workers: prepare_instance(where, workers, COUNTED_LIMITS),
+                "redis": lambda where, workers: prepare_instance(
+                    where,
+                    workers,
+                    {"limits": {**COUNTED_LIMITS["limits"], "storage_uri": server.url}},
+                ),
+            },
+        )
+    finally:
+        server.remove()
+    return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summarize_sides(runs)}
+
+
+def summarize_sides(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per worker count and workload: each kind's median req/s and p99, and the second kind's
+    req/s as a multiple of the first's (of the medians), as "<second>_x"."""
     summary: dict[str, Any] = {}
-    for workers, by_engine in runs.items():
+    for workers, by_kind in runs.items():
+        first, second = list(by_kind)
         rows: dict[str, Any] = {}
         for workload in WORKLOADS:
             row: dict[str, Any] = {}
-            for engine, measured in by_engine.items():
+            for kind, measured in by_kind.items():
                 found = [m["workloads"][workload] for m in measured]
-                row[engine] = {
+                row[kind] = {
                     "rps_median": round(statistics.median(r["rps"] for r in found), 1),
                     "p99_ms_median": round(statistics.median(r["p99_ms"] for r in found), 2),
                     "p99_ms_max": max(r["p99_ms"] for r in found),
                     "non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in found),
                 }
-            row["postgresql_x"] = round(
-                row["postgresql"]["rps_median"] / max(row["sqlite"]["rps_median"], 1e-9), 2
+            row[f"{second}_x"] = round(
+                row[second]["rps_median"] / max(row[first]["rps_median"], 1e-9), 2
             )
             rows[workload] = row
         summary[workers] = rows
     return summary
 
 
-def print_engines(entry: dict[str, Any]) -> None:
-    print(f"\nSQLite and PostgreSQL, medians of {entry['rounds']} alternated round(s)")
+def print_sides(entry: dict[str, Any], title: str, labels: dict[str, str]) -> None:
+    """The summary of alternated runs; labels: {kind: column title}, in the runs' order."""
+    (first, first_label), (second, second_label) = labels.items()
+    ratio = f"{second_label.split()[0]} x {first_label.split()[0]}"
+    print(f"\n{title}, medians of {entry['rounds']} alternated round(s)")
     print(
-        f"{'workers':>7}  {'workload':<9} {'SQLite req/s':>12} {'p99 ms':>7}"
-        f" {'PostgreSQL req/s':>16} {'p99 ms':>7} {'PG x SQLite':>11}"
+        f"{'workers':>7}  {'workload':<9} {first_label + ' req/s':>18} {'p99 ms':>7}"
+        f" {second_label + ' req/s':>18} {'p99 ms':>7} {ratio:>20}"
     )
     for workers, rows in entry["summary"].items():
         for workload, row in rows.items():
-            lite, pg = row["sqlite"], row["postgresql"]
+            one, two = row[first], row[second]
             print(
-                f"{workers:>7}  {workload:<9} {lite['rps_median']:>12.0f}"
-                f" {lite['p99_ms_median']:>7.2f} {pg['rps_median']:>16.0f}"
-                f" {pg['p99_ms_median']:>7.2f} {row['postgresql_x']:>11.2f}"
+                f"{workers:>7}  {workload:<9} {one['rps_median']:>18.0f}"
+                f" {one['p99_ms_median']:>7.2f} {two['rps_median']:>18.0f}"
+                f" {two['p99_ms_median']:>7.2f} {row[f'{second}_x']:>20.2f}"
             )
+
+
+def print_engines(entry: dict[str, Any]) -> None:
+    print_sides(entry, "SQLite and PostgreSQL", {"sqlite": "SQLite", "postgresql": "PostgreSQL"})
+
+
+def print_limit_storages(entry: dict[str, Any]) -> None:
+    print_sides(
+        entry,
+        "Rate limits counted in each process and in Redis (SQLite)",
+        {"local": "in-process", "redis": "Redis"},
+    )
 
 
 def ratios_to_bare(measured: dict[str, Any], ceiling: dict[str, Any]) -> tuple[float, float]:
@@ -797,6 +859,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only the service on SQLite and on a throwaway PostgreSQL, side by side, in"
         " --rounds alternated rounds per worker count",
     )  # fmt: skip
+    parser.add_argument(
+        "--limits", action="store_true",
+        help="only the service with rate limits counted in each process and in a throwaway"
+        " Redis, side by side, in --rounds alternated rounds per worker count",
+    )  # fmt: skip
     parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
@@ -828,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.engines:
             results["engines"] = measure_engines(args, work)
             return write_results(args.out, results, lambda: print_engines(results["engines"]))
+        if args.limits:
+            results["limits"] = measure_limit_storages(args, work)
+            return write_results(args.out, results, lambda: print_limit_storages(results["limits"]))
         if args.variants:
             results["variants"] = measure_variants(args, work)
             return write_results(args.out, results, lambda: print_variants(results["variants"]))

@@ -81,6 +81,21 @@ class ThrowawayRedis:
             sock.sendall(request)
             return sock.recv(65536)
 
+    def info(self, section: str) -> str:
+        """INFO section's text."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"*2\r\n$4\r\nINFO\r\n${len(section)}\r\n{section}\r\n".encode())
+            data = b""
+            while b"\r\n" not in data:
+                data += sock.recv(65536)
+            header, _, body = data.partition(b"\r\n")
+            while len(body) < int(header[1:]) + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+        return body.decode(errors="replace")
+
     def ping(self) -> bool:
         try:
             return self.command("PING").startswith(b"+PONG")

@@ -86,18 +86,56 @@ def test_the_memory_soak_samples_the_server_as_it_runs(tmp_path: Path) -> None:
     assert "heap (RssAnon)" in result.stdout
 
 
-def test_the_rate_limiter_benchmark_compares_storages() -> None:
+def test_the_rate_limiter_benchmark_compares_storages(redis_server) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bench.limiter", "--keys", "1", "100", "--hits", "400", "--json"],
+        [
+            sys.executable, "-m", "bench.limiter", "--keys", "1", "100", "--hits", "400",
+            "--redis-url", redis_server.url, "--json",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
-    )
+    )  # fmt: skip
     found = json.loads(result.stdout)
-    for storage in ("limits MemoryStorage", "dailyplay WindowCounters"):
+    for storage in ("limits MemoryStorage", "dailyplay LocalCounters"):
         assert set(found["us_per_hit"][storage]) == {"1", "100"}
+    redis = found["redis"]
+    assert redis["hits"] == 400 and redis["latency_us"] > 0 and redis["hits_per_second"] > 0
+
+
+def test_the_rate_limiter_benchmark_counts_redis_commands_on_its_own_server() -> None:
+    """On a throwaway Redis it can read: one script run (one round trip) per request."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.limiter", "--keys", "10", "--hits", "300", "--redis",
+         "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )  # fmt: skip
+    commands = json.loads(result.stdout)["redis"]["redis_commands_per_hit"]
+    assert commands["evalsha"] == 1.0
+    assert commands["incrby"] == 2.0  # the minute and the day; the lockout only read
+    assert "eval" not in commands and "script|load" not in commands
+
+
+def test_the_limits_comparison_runs_on_a_throwaway_redis(tmp_path: Path) -> None:
+    out = tmp_path / "limits.json"
+    result = run_bench(
+        "--limits", "--duration", "1", "--workers", "1", "--rounds", "1",
+        "--tokens-per-workload", "20000", "--out", str(out),
+    )  # fmt: skip
+    limits = json.loads(out.read_text())["limits"]
+    for workload in ("create", "validate", "consume", "mixed"):
+        row = limits["summary"]["1"][workload]
+        for storage in ("local", "redis"):
+            assert row[storage]["rps_median"] > 0 and row[storage]["non_2xx"] == 0, row
+        expected = row["redis"]["rps_median"] / row["local"]["rps_median"]
+        assert row["redis_x"] == pytest.approx(expected, abs=0.006)
+    assert "Redis x in-process" in result.stdout
 
 
 def test_the_paired_runs_measure_each_ratio_against_a_bare_run_just_before(
@@ -173,7 +211,7 @@ def test_the_engines_run_measures_every_workload_on_sqlite_and_postgresql(
                 assert row[engine]["non_2xx"] == 0, (workers, workload, engine)
             expected = row["postgresql"]["rps_median"] / row["sqlite"]["rps_median"]
             assert row["postgresql_x"] == pytest.approx(expected, abs=0.006)
-    assert "PG x SQLite" in result.stdout
+    assert "PostgreSQL x SQLite" in result.stdout
     # The throwaway PostgreSQL server it started is gone with the run (the tests' own may run).
     assert _postgres_servers() <= before
 
