@@ -113,11 +113,11 @@ class ThrowawayRedis:
 
     def pause(self) -> None:
         """SIGSTOP: connections stay open and nothing answers, as a hung Redis."""
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:

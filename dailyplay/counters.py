@@ -19,6 +19,7 @@ background probe switches back to Redis once it answers again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import logging
 import math
@@ -30,6 +31,7 @@ from typing import Any, ClassVar, TypeVar
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.aio.storage import Storage
 
+from .batch import Batcher
 from .clock import DAY_MS, MINUTE_MS
 
 log = logging.getLogger("dailyplay.ratelimit")
@@ -58,6 +60,9 @@ PROBE_SECONDS = 5.0
 WARN_SECONDS = 60.0
 
 T = TypeVar("T")
+
+# A script run: ((sha, source), keys, args).
+_ScriptCall = tuple[tuple[str, str], list[str], list[Any]]
 
 
 class Window:
@@ -339,9 +344,16 @@ class SharedCounters(Storage):
         self._on_error = on_error
         self._probe_seconds = probe_seconds
         self.counts = LocalCounts()  # Redis's answers, and this process's counts while it fails
-        client = self._redis.bridge.get_connection()  # type: ignore[attr-defined]
-        self._take_script = client.register_script(TAKE_SCRIPT)
-        self._prefixed: Callable[[str], str] = self._redis.bridge.prefixed_key  # type: ignore[attr-defined]
+        bridge = self._redis.bridge  # type: ignore[attr-defined]
+        self._client = bridge.get_connection()
+        self._prefixed: Callable[[str], str] = bridge.prefixed_key
+        # (sha, source) of the scripts: take's, and limits' own for incr.
+        self._take_script = _script(TAKE_SCRIPT)
+        self._incr_script = _script(bridge.SCRIPT_INCR_EXPIRE)
+        self._calls: Batcher[_ScriptCall, Any] = Batcher(self._pipeline)
+        from redis.exceptions import NoScriptError  # redis_storage() made sure it is there
+
+        self._no_script: type[Exception] = NoScriptError
         self._down = False
         self._errors = 0  # since the last warning
         self._warned_at = 0.0
@@ -382,6 +394,30 @@ class SharedCounters(Storage):
             )
             self._warned_at, self._errors = now, 0
 
+    def _run(self, script: tuple[str, str], keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """A script run on Redis, in the pipeline of this loop turn's runs."""
+        return self._calls.submit((script, keys, args))
+
+    async def _pipeline(self, calls: list[_ScriptCall]) -> list[Any]:
+        """Every call's answer (or its own error), from one pipeline: one round trip. A script
+        Redis does not know yet (a new or restarted server) is loaded, and its calls sent
+        again."""
+        answers = await self._send(calls)
+        unknown = [n for n, answer in enumerate(answers) if isinstance(answer, self._no_script)]
+        if unknown:
+            for source in {calls[n][0][1] for n in unknown}:
+                await self._client.script_load(source)
+            again = await self._send([calls[n] for n in unknown])
+            for n, answer in zip(unknown, again, strict=True):
+                answers[n] = answer
+        return answers
+
+    async def _send(self, calls: list[_ScriptCall]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for (sha, _source), keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
     async def _shared(self, work: Callable[[], Awaitable[T]], fallback: Callable[[], T]) -> T:
         """work() on Redis within the timeout; fallback() when Redis is down or fails now."""
         if self._down:
@@ -406,7 +442,7 @@ class SharedCounters(Storage):
             args += (window.amount, math.ceil(window.expiry_seconds(now_ms)))
 
         async def on_redis() -> list[int] | Window:
-            answer = [int(n) for n in await self._take_script(keys=keys, args=args)]
+            answer = [int(n) for n in await self._run(self._take_script, keys, args)]
             if answer[0]:
                 refused = every[answer[0] - 1]
                 self.counts.raise_to(refused.storage_key, answer[1], refused.expiry_seconds(now_ms))
@@ -419,7 +455,7 @@ class SharedCounters(Storage):
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         async def on_redis() -> int:
-            count = int(await self._redis.incr(key, expiry, amount))
+            count = int(await self._run(self._incr_script, [self._prefixed(key)], [expiry, amount]))
             self.counts.raise_to(key, count, expiry)
             return count
 
@@ -472,12 +508,18 @@ class SharedCounters(Storage):
                 self._failed(RuntimeError("PING was not answered"))
 
     async def close(self) -> None:
-        """Close the client's connections."""
-        client = self._redis.bridge.get_connection()  # type: ignore[attr-defined]
+        """Close the client's connections (after the pipelines already sent)."""
         try:
-            await client.aclose()
+            await self._calls.drain()
+            await self._client.aclose()
         except Exception as exc:
             log.debug("closing the rate-limit storage's connections: %s", exc)
+
+
+def _script(source: str | bytes) -> tuple[str, str]:
+    """(sha, source): what EVALSHA names a script by, and what loads it."""
+    text = source.decode() if isinstance(source, bytes) else source
+    return hashlib.sha1(text.encode()).hexdigest(), text  # noqa: S324 - Redis's script id
 
 
 def _describe(exc: BaseException) -> str:

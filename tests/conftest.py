@@ -234,12 +234,18 @@ def make_settings(
     return build
 
 
+def inside_one_minute(seconds: float = 10.0) -> None:
+    """Wait for the next clock minute if this one has fewer than `seconds` left, so that the
+    requests that follow share one rate-limit window."""
+    left = 60 - time.time() % 60
+    if left < seconds:
+        time.sleep(left + 0.2)
+
+
 @pytest.fixture
 def fresh_minute() -> None:
     """Start well inside a clock minute, so a test's requests share one rate-limit window."""
-    into = time.time() % 60
-    if into > 50:
-        time.sleep(60 - into + 0.2)
+    inside_one_minute()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import API, SigningKey, add_org, serve
+from conftest import API, SigningKey, add_org, inside_one_minute, serve
 from test_metrics import scrape, value
 from test_resilience import make_key
 
@@ -62,7 +62,6 @@ def _creator(key: str, client: str):
     return send
 
 
-@pytest.mark.usefixtures("fresh_minute")
 def test_every_limit_is_exact_across_two_hosts_of_two_workers(
     shared_settings: config.Settings, tmp_path, rsa_key: SigningKey
 ) -> None:
@@ -74,10 +73,12 @@ def test_every_limit_is_exact_across_two_hosts_of_two_workers(
     ):
         urls = [first.url, second.url]
         per_minute = make_key(first.url, org, rsa_key, rate_limit_per_minute=100)
+        inside_one_minute()  # each count below within one clock minute
         assert _spread(urls, _creator(per_minute, "192.0.2.1"), 300) == {200: 100, 429: 200}
         per_day = make_key(
             first.url, org, rsa_key, rate_limit_per_minute=10_000, rate_limit_per_day=150
         )
+        inside_one_minute()
         assert _spread(urls, _creator(per_day, "192.0.2.2"), 300) == {200: 150, 429: 150}
 
         def validate(url: str, _i: int) -> httpx.Response:
@@ -87,22 +88,17 @@ def test_every_limit_is_exact_across_two_hosts_of_two_workers(
                 timeout=30,
             )
 
+        inside_one_minute()
         assert _spread(urls, validate, 300) == {404: 100, 429: 200}
 
         guessing = _creator("dpk_" + "0" * 40, "192.0.2.4")
+        inside_one_minute(20)  # the lockout and what follows it
         assert _spread(urls, guessing, 100) == {401: 30, 429: 70}
         # Locked out on every process, good key or not; another address is not.
         good = make_key(first.url, org, rsa_key)
         assert _spread(urls, _creator(good, "192.0.2.4"), 20) == {429: 20}
         assert _spread(urls, _creator(good, "192.0.2.5"), 20) == {200: 20}
         assert "Traceback" not in first.log() + second.log()
-
-
-def _inside_one_minute(seconds: float = 12.0) -> None:
-    """Wait for the next minute if this one has fewer than `seconds` left."""
-    left = 60 - time.time() % 60
-    if left < seconds:
-        time.sleep(left + 0.2)
 
 
 def _metrics(url: str) -> dict:
@@ -156,7 +152,7 @@ def test_redis_killed_under_load_degrades_limits_not_the_service_and_recovers(
         # Limits still hold, per process: a key limited to 10 a minute gets at most 10 from
         # each of the four processes.
         during = make_key(first.url, org, rsa_key, rate_limit_per_minute=10)
-        _inside_one_minute()
+        inside_one_minute()
         while_down = _spread(urls, _creator(during, "192.0.2.50"), 120, threads=4)
         errors = value(_metrics(first.url), "dailyplay_limits_storage_errors_total")
         phase[0] = "back"
@@ -166,7 +162,7 @@ def test_redis_killed_under_load_degrades_limits_not_the_service_and_recovers(
         for thread in threads:
             thread.join(timeout=30)
         after = make_key(first.url, org, rsa_key, rate_limit_per_minute=50)
-        _inside_one_minute()
+        inside_one_minute()
         shared_again = _spread(urls, _creator(after, "192.0.2.60"), 150)
         assert "Traceback" not in first.log() + second.log()
         logs = first.log() + second.log()

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ... import audit
+from ...batch import Batcher
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
 from ..errors import Duplicate, KeyChanged, StorageError, StorageFull, StorageUnavailable
@@ -39,7 +40,6 @@ from ..types import (
     OrgListing,
     Session,
 )
-from .batch import Batcher
 from .pool import ConnectionPool
 from .schema import migrate, read_version, translated
 
@@ -86,7 +86,7 @@ CONSUME_SESSION = (
     f" RETURNING {SESSION_COLUMNS}"
 )
 GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token = $1"
-# The batched forms (storage.postgres.batch): one statement for the calls of one loop turn.
+# The batched forms (dailyplay.batch): one statement for the calls of one loop turn.
 GET_SESSIONS = f"SELECT token, {SESSION_COLUMNS} FROM sessions WHERE token = ANY($1::bytea[])"
 # Rows are locked in token order (ORDER BY under FOR UPDATE), so two batches that share tokens
 # wait for each other rather than deadlock; a row another consumer took meanwhile is re-checked

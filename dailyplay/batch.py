@@ -1,10 +1,11 @@
-"""PostgreSQL: the calls of one turn of the event loop, sent to the database as one statement.
+"""The calls of one turn of the event loop, sent to a server together.
 
 Under load a worker starts many requests in one turn of its loop (every socket that became
 readable). Each would otherwise be a round trip of its own: a send, a wake-up, a receive, a
-statement for the server to run. A Batcher gathers the calls of one turn and runs them as one
-statement on one connection (the way the SQLite engine gathers writes into one group commit),
-then gives each caller its own result. A lone call goes alone, one turn later.
+command for the server to run. A Batcher gathers the calls of one turn and runs them together
+on one connection (one PostgreSQL statement, one Redis pipeline; the way the SQLite engine
+gathers writes into one group commit), then gives each caller its own result. A lone call goes
+alone, one turn later.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Generic, TypeVar
 A = TypeVar("A")
 R = TypeVar("R")
 
-# Most calls one statement carries.
+# Most calls one batch carries.
 MAX_BATCH = 256
 
 
