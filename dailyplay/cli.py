@@ -476,6 +476,7 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
                         "listening": f"http://{server.host}:{server.port}",
                         "workers": server.workers,
                         "database": settings.database.display,
+                        "rate_limits": f"counted in {settings.limits.storage_display}",
                         "metrics": metrics_url(settings),
                         "pid": os.getpid(),
                     }
