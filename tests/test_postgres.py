@@ -177,8 +177,19 @@ def test_driver_errors_become_the_storage_layers_own() -> None:
         mapped = translated(error)
         assert isinstance(mapped, kind), (error, mapped)
         assert mapped.__cause__ is error
+    # Leaving a transaction on a connection the server cut: the cut is what is reported.
+    cut = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+    try:
+        try:
+            raise cut
+        except asyncpg.ConnectionDoesNotExistError:
+            raise asyncpg.InterfaceError("the underlying connection is closed") from None
+    except asyncpg.InterfaceError as leaving:
+        mapped = translated(leaving)
+    assert isinstance(mapped, StorageUnavailable) and mapped.__cause__ is cut
     # A fault in the program (or the schema) stays what it is: a 500, not a 503.
-    for error in (asyncpg.UndefinedColumnError("no such column"), ValueError("x")):
+    misuse = asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+    for error in (asyncpg.UndefinedColumnError("no such column"), ValueError("x"), misuse):
         assert translated(error) is error
 
 

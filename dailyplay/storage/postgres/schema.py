@@ -104,6 +104,13 @@ def translated(exc: BaseException) -> BaseException:
     ):
         kind = StorageUnavailable
     if kind is None:
+        # Leaving a transaction on a connection the server has just cut raises InterfaceError
+        # ("the underlying connection is closed") while the cut is being handled: that cut is
+        # what happened.
+        if isinstance(exc, asyncpg.InterfaceError) and exc.__context__ is not None:
+            cause = translated(exc.__context__)
+            if isinstance(cause, StorageError):
+                return cause
         return exc
     error = kind(_describe(exc))
     error.__cause__ = exc
