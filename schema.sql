@@ -105,3 +105,7 @@ CREATE TABLE IF NOT EXISTS key_usage (
     consumed   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (api_key_id, hour)
 ) WITHOUT ROWID;
+
+-- list-sessions (added in version 3): an organization's tokens by external reference, newest
+-- first (the look-up a shop or a CRM makes: "the tokens of order 1234").
+CREATE INDEX IF NOT EXISTS sessions_by_org_ref ON sessions (org_id, external_ref, id);

@@ -243,17 +243,26 @@ SESSION_COLUMNS = (
 )  # fmt: skip
 
 
-def seed_tokens(instance: Instance, count: int, tokens_file: Path | None) -> None:
+def seed_tokens(
+    instance: Instance,
+    count: int,
+    tokens_file: Path | None,
+    ref_of: Callable[[int], str] | None = None,
+) -> None:
     """Insert `count` fresh active tokens straight into the database (one transaction per
-    100,000; COPY on PostgreSQL); write their text forms to tokens_file when given."""
+    100,000; COPY on PostgreSQL); write their text forms to tokens_file when given. The n-th
+    token's external_ref is ref_of(n) ("seed" without it)."""
     out = tokens_file.open("w") if tokens_file else None
     now = now_ms()
+    seeded = [0]
 
     def rows(batch: list[uuid.UUID]) -> list[tuple[Any, ...]]:
+        first = seeded[0]
+        seeded[0] += len(batch)
         return [
-            (t.bytes, instance.org_id, instance.key_id, 42, None, "seed", None, now,
-             now + 86_400_000)
-            for t in batch
+            (t.bytes, instance.org_id, instance.key_id, 42, None,
+             "seed" if ref_of is None else ref_of(first + n), None, now, now + 86_400_000)
+            for n, t in enumerate(batch)
         ]  # fmt: skip
 
     if instance.settings.database.engine == "postgresql":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from starlette.responses import Response
 from . import inputs, sessions
 from .audit import audit_entry
 from .auth import JwtVerifier, Principal, require_org_role
-from .clock import iso_from_ms, now_ms
+from .clock import iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
 from .deadlines import Deadlines
 from .errors import ApiError
@@ -47,7 +49,17 @@ from .ratelimit import (
 from .responses import JsonResponse, raw_json
 from .storage import Store
 from .storage.errors import KeyChanged
-from .storage.types import KEY_SETTINGS, MUTABLE_KEY_COLUMNS, NO_USAGE, Actor, KeyState, NewSession
+from .storage.types import (
+    KEY_SETTINGS,
+    MUTABLE_KEY_COLUMNS,
+    NO_USAGE,
+    SESSION_STATUSES,
+    Actor,
+    KeyState,
+    ListedSession,
+    NewSession,
+    SessionQuery,
+)
 from .tokens import new_session_token
 
 log = logging.getLogger("dailyplay.api")
@@ -427,6 +439,137 @@ async def consume_session(services: Services, request: Request, params: dict[str
     )
 
 
+# --- an organization's tokens, for the key's holder --------------------------------------------
+
+MAX_REVOKE_REASON = 500
+SESSION_PAGE_DEFAULT = 50
+SESSION_PAGE_MAX = 500
+CURSOR_PREFIX = "s1."
+
+
+def session_item(row: ListedSession, now: int) -> dict[str, Any]:
+    """A stored token as list-sessions and revoke-session show it."""
+    return {
+        "token": str(uuid.UUID(bytes=row.token)),
+        "status": sessions.status(row, now),
+        "game_id": row.game_id,
+        "stream_id": row.stream_id,
+        "external_ref": row.external_ref,
+        "metadata": _metadata(row.metadata),
+        "created_at": iso_from_ms(row.created_at),
+        "expires_at": iso_from_ms(row.expires_at),
+        "consumed_at": iso_from_ms(row.consumed_at),
+        "revoked_at": iso_from_ms(row.revoked_at),
+        "player_uuid": row.player_uuid,
+        "api_key_id": row.api_key_id,
+    }
+
+
+async def _current_key(services: Services, request: Request, now: int) -> KeyContext:
+    """The x-api-key authenticated and counted against its limits, on its current row: these
+    operations act on the organization's tokens, so a key revoked a moment ago in another
+    process must not pass on a reading remembered here."""
+    key = await authenticate_api_key(services, request, now)
+    if key.remembered:
+        key = await _readmit(services, request, key, now)
+    return key
+
+
+async def revoke_session(services: Services, request: Request, params: dict[str, str]) -> Response:
+    """An active token of the key's organization revoked (a refund takes its play back)."""
+    now = now_ms()
+    key = await _current_key(services, request, now)
+    try:
+        body = await read_body(services, request)
+        inputs.check_fields(body, ("token", "reason"), required=("token",))
+        token = inputs.session_token(body["token"])
+        reason = inputs.text(body.get("reason"), "reason", MAX_REVOKE_REASON)
+        actor = Actor(f"api_key:{key.key_id}", client_ip(request, services.trusted_proxies))
+        state, row = await services.db.revoke_session(key.org_id, token, now, actor, reason)
+        if row is None:
+            raise ApiError(404, "session token not found", kind="not_found")
+        if state in ("consumed", "expired"):
+            raise ApiError(410, sessions.GONE_MESSAGES[state], kind=state)
+    except ApiError as exc:
+        exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
+        raise
+    return ok(session_item(row, now), headers=rate_limit_headers(key.rate))
+
+
+def _cursor(session_id: int) -> str:
+    return f"{CURSOR_PREFIX}{session_id}"
+
+
+# A cursor: the prefix, then the id of the last token of the page before (18 digits at most).
+_CURSOR = re.compile(re.escape(CURSOR_PREFIX) + r"[1-9][0-9]{0,17}")
+
+
+def _before_id(cursor: str) -> int:
+    """The id a cursor given by list-sessions points below; 400 for anything else."""
+    if not _CURSOR.fullmatch(cursor):
+        raise ApiError(400, "cursor is not one that list-sessions gave (use next_cursor as is)")
+    return int(cursor[len(CURSOR_PREFIX) :])
+
+
+def _query_time(params: dict[str, str], name: str) -> int | None:
+    if name not in params:
+        return None
+    try:
+        return ms_from_iso(params[name])
+    except ValueError as exc:
+        raise ApiError(400, f"query parameter '{name}': {exc}") from None
+
+
+def _session_query(params: dict[str, str], now: int) -> SessionQuery:
+    status = params.get("status")
+    if status is not None and status not in SESSION_STATUSES:
+        raise ApiError(
+            400, "query parameter 'status' must be one of " + ", ".join(SESSION_STATUSES)
+        )
+    external_ref = params.get("external_ref")
+    if external_ref is not None:
+        external_ref = inputs.text(external_ref, "external_ref", MAX_EXTERNAL_REF)
+    limit = SESSION_PAGE_DEFAULT
+    if "limit" in params:
+        limit = inputs.query_positive_int(params, "limit", SESSION_PAGE_MAX)
+    return SessionQuery(
+        now=now,
+        limit=limit,
+        external_ref=external_ref,
+        status=status,
+        game_id=inputs.query_positive_int(params, "game_id") if "game_id" in params else None,
+        stream_id=(
+            inputs.query_positive_int(params, "stream_id") if "stream_id" in params else None
+        ),
+        created_after=_query_time(params, "created_after"),
+        created_before=_query_time(params, "created_before"),
+        before_id=_before_id(params["cursor"]) if "cursor" in params else None,
+    )
+
+
+async def list_sessions(services: Services, request: Request, params: dict[str, str]) -> Response:
+    """The key's organization's tokens, newest first, a page at a time."""
+    now = now_ms()
+    key = await _current_key(services, request, now)
+    try:
+        query = _session_query(params, now)
+        found = await services.db.list_sessions(
+            key.org_id, dataclasses.replace(query, limit=query.limit + 1)
+        )
+    except ApiError as exc:
+        exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
+        raise
+    page = found[: query.limit]
+    more = len(found) > query.limit
+    return ok(
+        {
+            "sessions": [session_item(row, now) for row in page],
+            "next_cursor": _cursor(page[-1].id) if more else None,
+        },
+        headers=rate_limit_headers(key.rate),
+    )
+
+
 # --- API keys -----------------------------------------------------------------------------------
 
 
@@ -546,6 +689,24 @@ OPERATIONS: dict[str | None, dict[str, Operation]] = {
     "create-session": {"POST": Operation(create_session, ("action",), b"x-api-key")},
     "validate-session": {"GET": Operation(validate_session, ("action", "token"), None)},
     "consume-session": {"POST": Operation(consume_session, ("action",), None)},
+    "revoke-session": {"POST": Operation(revoke_session, ("action",), b"x-api-key")},
+    "list-sessions": {
+        "GET": Operation(
+            list_sessions,
+            (
+                "action",
+                "external_ref",
+                "status",
+                "game_id",
+                "stream_id",
+                "created_after",
+                "created_before",
+                "limit",
+                "cursor",
+            ),
+            b"x-api-key",
+        )
+    },
     "audit-log": {
         "GET": Operation(audit_log, ("action", "org_id", "limit", "before_id"), b"authorization")
     },

@@ -42,6 +42,16 @@ def member_removed(user_id: str, role: str) -> Changes:
     return {"user_id": {"from": user_id, "to": None}, "role": {"from": role, "to": None}}
 
 
+def session_revoked(token: str, reason: str | None) -> Changes:
+    """Revoking an active session token (revoke-session): which token, and why if given."""
+    return {
+        "session": {
+            "from": {"token": token, "status": "active"},
+            "to": {"token": token, "status": "revoked", "reason": reason},
+        }
+    }
+
+
 def key_created(values: NewApiKey) -> Changes:
     return {column: {"from": None, "to": getattr(values, column)} for column in KEY_SETTINGS}
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 # The `action` query parameter's values, each an operation of its own.
-ACTIONS = ("create-session", "validate-session", "consume-session", "audit-log")
+ACTIONS = (
+    "create-session",
+    "validate-session",
+    "consume-session",
+    "revoke-session",
+    "list-sessions",
+    "audit-log",
+)
 # The key-management operations (no action), by method.
 KEY_MANAGEMENT = {
     "GET": "list-api-keys",

@@ -4,7 +4,7 @@ mint tokens for, what state a stored token is in, and what a refused consumption
 from __future__ import annotations
 
 from .errors import ApiError
-from .storage.types import Session
+from .storage.types import ListedSession, Session
 
 
 def check_allowed(value: int | None, allowed: list[int] | None, what: str) -> None:
@@ -15,7 +15,7 @@ def check_allowed(value: int | None, allowed: list[int] | None, what: str) -> No
         )
 
 
-def status(session: Session, now: int) -> str:
+def status(session: Session | ListedSession, now: int) -> str:
     """active, consumed, expired or revoked: a token past its expiry reads as expired whatever
     its stored status says, unless it was consumed or revoked first."""
     if session.status == "active" and session.expires_at <= now:

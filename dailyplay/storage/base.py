@@ -18,12 +18,14 @@ from .types import (
     ApiKey,
     AuditEntry,
     KeyState,
+    ListedSession,
     Member,
     NewApiKey,
     NewSession,
     Org,
     OrgListing,
     Session,
+    SessionQuery,
 )
 
 
@@ -106,6 +108,18 @@ class Store(Protocol):
 
     async def get_api_key_for_request(self, key_id: int) -> KeyState | None:
         """What decides whether the key may create a token now, read now."""
+
+    async def revoke_session(
+        self, org_id: int, token: bytes, now: int, by: Actor, reason: str | None
+    ) -> tuple[str, ListedSession | None]:
+        """Revoke the org's token if it is active, with its audit entry, in one transaction:
+        (its state before: active, consumed, expired or revoked; the token as it is now), or
+        ("not_found", None) when the org has no such token (another org's included)."""
+        ...
+
+    async def list_sessions(self, org_id: int, query: SessionQuery) -> list[ListedSession]:
+        """The org's tokens the query asks for, newest (highest id) first, at most its limit."""
+        ...
 
     async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[AuditEntry]:
         """The org's audit entries, newest first, with ids below before_id when given."""

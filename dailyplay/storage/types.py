@@ -80,6 +80,44 @@ class Session(NamedTuple):
     revoked_at: int | None
 
 
+class ListedSession(NamedTuple):
+    """A stored session token as list-sessions and revoke-session show it."""
+
+    id: int
+    token: bytes
+    org_id: int
+    api_key_id: int | None
+    game_id: int | None
+    stream_id: int | None
+    external_ref: str | None
+    metadata: str | None
+    status: str  # as stored: an expired one still says active
+    created_at: int
+    expires_at: int
+    consumed_at: int | None
+    revoked_at: int | None
+    player_uuid: str | None
+
+
+# A status to list by: expired is stored as active, past its expiry.
+SESSION_STATUSES = ("active", "consumed", "expired", "revoked")
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    """Which of an organization's tokens list-sessions asks for (None: any), newest first."""
+
+    now: int  # what active and expired mean
+    limit: int
+    external_ref: str | None = None
+    status: str | None = None
+    game_id: int | None = None
+    stream_id: int | None = None
+    created_after: int | None = None  # exclusive
+    created_before: int | None = None  # exclusive
+    before_id: int | None = None  # the page after the token of this id
+
+
 @dataclass(frozen=True)
 class KeyState:
     """One reading of what decides whether an API key may create a token, and how: its row and

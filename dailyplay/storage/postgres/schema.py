@@ -35,6 +35,7 @@ def schema_text() -> str:
 MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
     ("readiness probe row; retention indexes; audit log; key usage", schema_text),
+    ("sessions by organization and external reference", schema_text),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

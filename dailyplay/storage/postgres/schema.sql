@@ -105,3 +105,6 @@ CREATE TABLE IF NOT EXISTS key_usage (
     consumed   bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (api_key_id, hour)
 );
+
+-- list-sessions: an organization's tokens by external reference, newest first.
+CREATE INDEX IF NOT EXISTS sessions_by_org_ref ON sessions (org_id, external_ref, id);

@@ -7,10 +7,11 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ... import audit
+from ... import audit, sessions
 from ...batch import Batcher
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
@@ -18,12 +19,15 @@ from ..errors import Duplicate, KeyChanged, StorageError, StorageFull, StorageUn
 from ..rows import (
     API_KEY_COLUMNS,
     AUDIT_COLUMNS,
+    LISTED_SESSION_COLUMNS,
     ORG_COLUMNS,
     SESSION_COLUMNS,
     api_key,
     audit_entry,
     key_state,
+    listed_session,
     org,
+    session_conditions,
 )
 from ..types import (
     MUTABLE_KEY_COLUMNS,
@@ -33,12 +37,14 @@ from ..types import (
     ApiKey,
     AuditEntry,
     KeyState,
+    ListedSession,
     Member,
     NewApiKey,
     NewSession,
     Org,
     OrgListing,
     Session,
+    SessionQuery,
 )
 from .pool import ConnectionPool
 from .schema import migrate, read_version, translated
@@ -606,6 +612,45 @@ class PostgresStore:
     async def get_api_key_for_request(self, key_id: int) -> KeyState | None:
         row = await self._fetchrow(KEY_STATE, key_id)
         return None if row is None else key_state(row)
+
+    async def revoke_session(
+        self, org_id: int, token: bytes, now: int, by: Actor, reason: str | None
+    ) -> tuple[str, ListedSession | None]:
+        """As the SQLite store's: the row held FOR UPDATE, so that a consume of the same token
+        waits and then finds it revoked, or this waits for the consume."""
+
+        async def work(conn: asyncpg.Connection) -> tuple[str, ListedSession | None]:
+            row = await conn.fetchrow(
+                f"SELECT {LISTED_SESSION_COLUMNS} FROM sessions WHERE token = $1 AND org_id = $2"
+                " FOR UPDATE",
+                token, org_id,
+            )  # fmt: skip
+            if row is None:
+                return "not_found", None
+            found = listed_session(row)
+            state = sessions.status(found, now)
+            if state != "active":
+                return state, found
+            row = await conn.fetchrow(
+                "UPDATE sessions SET status = 'revoked', revoked_at = $1 WHERE id = $2"
+                f" RETURNING {LISTED_SESSION_COLUMNS}",
+                now, found.id,
+            )  # fmt: skip
+            changes = audit.session_revoked(str(uuid.UUID(bytes=token)), reason)
+            await _record_audit(conn, now, org_id, by, "session.revoke", found.api_key_id, changes)
+            return state, listed_session(row)
+
+        result: tuple[str, ListedSession | None] = await self._in_transaction(work)
+        return result
+
+    async def list_sessions(self, org_id: int, query: SessionQuery) -> list[ListedSession]:
+        where, values = session_conditions(query, lambda n: f"${n}")
+        rows = await self._fetch(
+            f"SELECT {LISTED_SESSION_COLUMNS} FROM sessions WHERE org_id = $1{where}"
+            f" ORDER BY id DESC LIMIT ${len(values) + 2}",
+            org_id, *values, query.limit,
+        )  # fmt: skip
+        return [listed_session(row) for row in rows]
 
     async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[AuditEntry]:
         rows = await self._fetch(

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from ... import audit
+from ... import audit, sessions
 from ...clock import HOUR_MS
 from ..errors import Duplicate
-from ..rows import API_KEY_COLUMNS, AUDIT_COLUMNS, ORG_COLUMNS, api_key, audit_entry, org
+from ..rows import (
+    API_KEY_COLUMNS,
+    AUDIT_COLUMNS,
+    LISTED_SESSION_COLUMNS,
+    ORG_COLUMNS,
+    api_key,
+    audit_entry,
+    listed_session,
+    org,
+    session_conditions,
+)
 from ..types import (
     CLI,
     MUTABLE_KEY_COLUMNS,
@@ -17,10 +28,12 @@ from ..types import (
     Actor,
     ApiKey,
     AuditEntry,
+    ListedSession,
     Member,
     NewApiKey,
     Org,
     OrgListing,
+    SessionQuery,
 )
 from .statements import INSERT_API_KEY, INSERT_SESSION, REVOKE_KEY_SESSIONS, record_audit
 
@@ -259,3 +272,41 @@ def insert_sessions(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -
     """Insert many tokens in the caller's transaction (the benchmark's seeding), in
     insert_session's column order."""
     conn.executemany(INSERT_SESSION, rows)
+
+
+def revoke_session_in(
+    conn: sqlite3.Connection, org_id: int, token: bytes, now: int, by: Actor, reason: str | None
+) -> tuple[str, ListedSession | None]:
+    """In the caller's transaction: revoke the org's token if it is active (with its audit
+    entry). (its state before: active, consumed, expired or revoked; the token as it is now),
+    or ("not_found", None) when the org has no such token."""
+    row = conn.execute(
+        f"SELECT {LISTED_SESSION_COLUMNS} FROM sessions WHERE token = ? AND org_id = ?",
+        (token, org_id),
+    ).fetchone()
+    if row is None:
+        return "not_found", None
+    found = listed_session(row)
+    state = sessions.status(found, now)
+    if state != "active":
+        return state, found
+    row = conn.execute(
+        "UPDATE sessions SET status = 'revoked', revoked_at = ? WHERE id = ?"
+        f" RETURNING {LISTED_SESSION_COLUMNS}",
+        (now, found.id),
+    ).fetchone()
+    changes = audit.session_revoked(str(uuid.UUID(bytes=token)), reason)
+    record_audit(conn, now, org_id, by, "session.revoke", found.api_key_id, changes)
+    return state, listed_session(row)
+
+
+def list_sessions(
+    conn: sqlite3.Connection, org_id: int, query: SessionQuery
+) -> list[ListedSession]:
+    where, values = session_conditions(query, lambda _n: "?")
+    rows = conn.execute(
+        f"SELECT {LISTED_SESSION_COLUMNS} FROM sessions WHERE org_id = ?{where}"
+        " ORDER BY id DESC LIMIT ?",
+        (org_id, *values, query.limit),
+    ).fetchall()
+    return [listed_session(row) for row in rows]

@@ -50,6 +50,7 @@ def _statements(script: str) -> list[str]:
 MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
     ("readiness probe row; retention indexes; audit log; key usage", schema_text),
+    ("sessions by organization and external reference", schema_text),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

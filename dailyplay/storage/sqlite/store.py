@@ -19,12 +19,14 @@ from ..types import (
     ApiKey,
     AuditEntry,
     KeyState,
+    ListedSession,
     Member,
     NewApiKey,
     NewSession,
     Org,
     OrgListing,
     Session,
+    SessionQuery,
 )
 from .admin import (
     PURGE_BATCH,
@@ -41,6 +43,8 @@ from .admin import (
     list_audit,
     list_members,
     list_orgs,
+    list_sessions,
+    revoke_session_in,
     set_org_tier,
     update_api_key_in,
     upsert_member,
@@ -284,6 +288,20 @@ class Database:
     async def list_audit(self, org_id: int, limit: int, before_id: int | None) -> list[AuditEntry]:
         """An org's audit entries, newest first, with ids below before_id when given."""
         return self._read_with(list_audit, org_id, limit, before_id)
+
+    # --- an organization's session tokens --------------------------------------------------------
+
+    async def revoke_session(
+        self, org_id: int, token: bytes, now: int, by: Actor, reason: str | None
+    ) -> tuple[str, ListedSession | None]:
+        """revoke_session_in, in one transaction of the writer."""
+        return await self._in_transaction(
+            lambda conn: revoke_session_in(conn, org_id, token, now, by, reason)
+        )
+
+    async def list_sessions(self, org_id: int, query: SessionQuery) -> list[ListedSession]:
+        """The org's tokens the query asks for, newest first."""
+        return self._read_with(list_sessions, org_id, query)
 
     # --- retention -------------------------------------------------------------------------------
 
