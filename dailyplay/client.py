@@ -58,7 +58,9 @@ __all__ = [
     "RateLimited",
     "ServerError",
     "ServiceUnavailable",
+    "SessionPage",
     "SessionToken",
+    "StoredSession",
     "TokenConsumed",
     "TokenExpired",
     "TokenGone",
@@ -299,6 +301,38 @@ class DeletedApiKey:
 
 
 @dataclass(frozen=True)
+class StoredSession:
+    """A token of the key's organization as revoke_session and list_sessions show it."""
+
+    token: str
+    status: str  # active, consumed, expired or revoked
+    game_id: int | None
+    stream_id: int | None
+    external_ref: str | None
+    metadata: Any
+    created_at: datetime
+    expires_at: datetime
+    consumed_at: datetime | None
+    revoked_at: datetime | None
+    player_uuid: str | None
+    api_key_id: int | None
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> StoredSession:
+        times = ("created_at", "expires_at", "consumed_at", "revoked_at")
+        return cls(**{**data, **{name: _time(data[name]) for name in times}})
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    """Newest first; pass `next_cursor` as cursor, with the same filters, for the next page
+    (None: no more)."""
+
+    sessions: list[StoredSession]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     id: int
     at: datetime
@@ -465,6 +499,26 @@ class _Calls:
 
         body = _without_none({"token": token, "player_uuid": player_uuid})
         return _Call("POST", {"action": "consume-session"}, body, None, Retry.NEVER, parse, True)
+
+    @staticmethod
+    def revoke_session(token: str, reason: str | None) -> _Call[StoredSession]:
+        def parse(data: Any, response: httpx.Response) -> StoredSession:
+            return StoredSession.from_data(data)
+
+        body = _without_none({"token": token, "reason": reason})
+        # Revoking twice answers as once: safe to repeat.
+        return _Call("POST", {"action": "revoke-session"}, body, "key", Retry.READ, parse, True)
+
+    @staticmethod
+    def list_sessions(filters: Mapping[str, Any]) -> _Call[SessionPage]:
+        def parse(data: Any, response: httpx.Response) -> SessionPage:
+            found = [StoredSession.from_data(item) for item in data["sessions"]]
+            return SessionPage(found, data["next_cursor"])
+
+        params = {"action": "list-sessions"}
+        for name, value in _without_none(filters).items():
+            params[name] = value.isoformat() if isinstance(value, datetime) else value
+        return _Call("GET", params, None, "key", Retry.READ, parse)
 
     @staticmethod
     def list_api_keys(org_id: int) -> _Call[list[ApiKey]]:
@@ -694,6 +748,16 @@ class DailyPlayClient(_Base):
         """Use the token up (once only; never retried by this client)."""
         return self._send(_Calls.consume_session(token, player_uuid))
 
+    def revoke_session(self, token: str, reason: str | None = None) -> StoredSession:
+        """Take an unplayed token of the key's organization back (TokenConsumed or
+        TokenExpired when it is too late; TokenNotFound for another organization's)."""
+        return self._send(_Calls.revoke_session(token, reason))
+
+    def list_sessions(self, **filters: Any) -> SessionPage:
+        """filters: external_ref, status, game_id, stream_id, created_after, created_before
+        (datetime or RFC 3339 text), limit, cursor (a page's next_cursor)."""
+        return self._send(_Calls.list_sessions(filters))
+
     def list_api_keys(self, org_id: int) -> list[ApiKey]:
         return self._send(_Calls.list_api_keys(org_id))
 
@@ -767,6 +831,12 @@ class AsyncDailyPlayClient(_Base):
 
     async def consume_session(self, token: str, player_uuid: str | None = None) -> ConsumedSession:
         return await self._send(_Calls.consume_session(token, player_uuid))
+
+    async def revoke_session(self, token: str, reason: str | None = None) -> StoredSession:
+        return await self._send(_Calls.revoke_session(token, reason))
+
+    async def list_sessions(self, **filters: Any) -> SessionPage:
+        return await self._send(_Calls.list_sessions(filters))
 
     async def list_api_keys(self, org_id: int) -> list[ApiKey]:
         return await self._send(_Calls.list_api_keys(org_id))

@@ -178,6 +178,35 @@ def test_rate_limited_says_when_to_come_back(live: Live) -> None:
         wrong.create_session(1)
 
 
+def test_revoking_and_listing_an_organizations_tokens(live: Live) -> None:
+    key = live.new_key()
+    with DailyPlayClient(live.url, api_key=key) as dp:
+        played = dp.create_session(19, external_ref="order-5").token
+        refunded = dp.create_session(19, external_ref="order-5").token
+        dp.consume_session(played, player_uuid="p-9")
+        revoked = dp.revoke_session(refunded, reason="refund")
+        assert revoked.token == refunded and revoked.status == "revoked"
+        assert revoked.revoked_at is not None and revoked.created_at < datetime.now(UTC)
+        with pytest.raises(TokenRevoked):
+            dp.consume_session(refunded)
+        with pytest.raises(TokenConsumed):
+            dp.revoke_session(played)
+        with pytest.raises(TokenNotFound):
+            dp.revoke_session(str(uuid.uuid4()))
+        page = dp.list_sessions(external_ref="order-5", limit=1)
+        assert [s.token for s in page.sessions] == [refunded] and page.next_cursor
+        rest = dp.list_sessions(external_ref="order-5", limit=1, cursor=page.next_cursor)
+        assert [(s.token, s.status, s.player_uuid) for s in rest.sessions] == [
+            (played, "consumed", "p-9")
+        ]
+        assert rest.next_cursor is None
+        since = datetime.now(UTC) - timedelta(hours=1)
+        found = dp.list_sessions(created_after=since, status="consumed", game_id=19)
+        assert [s.token for s in found.sessions] == [played]
+        with pytest.raises(BadRequest, match="status"):
+            dp.list_sessions(status="played")
+
+
 def test_the_async_client_does_the_same(live: Live) -> None:
     key = live.new_key()
 
@@ -193,6 +222,9 @@ def test_the_async_client_does_the_same(live: Live) -> None:
             assert sum(not isinstance(r, Exception) for r in results) == 1
             assert sum(isinstance(r, TokenConsumed) for r in results) == 3
             assert (await dp.validate_session(tokens[1])).valid
+            assert (await dp.revoke_session(tokens[1])).status == "revoked"
+            listed = await dp.list_sessions(status="revoked", game_id=5)
+            assert [s.token for s in listed.sessions] == [tokens[1]]
         async with AsyncDailyPlayClient(live.url, bearer_token=live.bearer) as admin:
             keys = await admin.list_api_keys(live.org_id)
             assert any(k.key_prefix == key[:8] for k in keys)
