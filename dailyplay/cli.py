@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TypeVar
 from . import __version__, config
 from .audit import audit_entry
 from .clock import iso_from_ms, now_ms
+from .counters import redis_storage
 from .storage import Store, store_for
 from .storage import sqlite as db
 from .storage.errors import Duplicate, SchemaError, StorageError
@@ -465,6 +466,7 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
     with exit_cleanly_on_sigterm(), metrics_files() as metrics_directory:
         # Bound before anything is announced: a taken port is an error, not a "listening"
         # (and before the database is made: a server that cannot start leaves no file).
+        _check_limits_storage(settings)
         sockets = listen(server.host, server.port, server.workers)
         listener = None
         try:
@@ -496,6 +498,16 @@ def run_server(settings: config.Settings, config_path: str | None, announce: boo
                 listener.server_close()
             for sock in sockets:
                 sock.close()
+
+
+def _check_limits_storage(settings: config.Settings) -> None:
+    """A limits.storage_uri this installation cannot use stops serve before any worker starts
+    (no connection is made: Redis may come up later, and the workers cope until it does)."""
+    if settings.limits.storage_uri:
+        try:
+            redis_storage(settings.limits.storage_uri, settings.limits.storage_timeout_ms / 1000)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
 
 
 def listen(host: str, port: int, workers: int) -> list[socket.socket]:

@@ -8,11 +8,22 @@ one Redis are in test_redis_hosts.py.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
-from conftest import API, World, add_org, assert_error, inside_one_minute, running_app
+from conftest import (
+    API,
+    World,
+    add_org,
+    assert_error,
+    free_port,
+    inside_one_minute,
+    running_app,
+)
 from test_metrics import metrics_of, value
 
 from dailyplay import config
@@ -65,6 +76,28 @@ def test_the_timeout_is_bounded_and_the_password_never_shown() -> None:
     ).limits
     assert limits.storage_display == "rediss://app@cache:6380/1"
     assert config.load(env={}).limits.storage_display == "this process"
+
+
+def test_without_the_redis_package_serve_says_which_extra_to_install(tmp_path) -> None:
+    # As on an install without the [redis] extra: redis cannot be imported.
+    code = (
+        "import sys; sys.modules['redis'] = None; "
+        "from dailyplay.cli import main; sys.exit(main(['serve', '--port', sys.argv[1]]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAILYPLAY_")}
+    env["DAILYPLAY_LIMITS_STORAGE_URI"] = "redis://127.0.0.1:6379/0"
+    env["DAILYPLAY_DATABASE_PATH"] = str(tmp_path / "dailyplay.db")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'dailyplay[redis]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "dailyplay.db").exists()  # stopped before anything was made
 
 
 # --- Redis failing ------------------------------------------------------------------------------
