@@ -48,7 +48,7 @@ from .ratelimit import (
 )
 from .responses import JsonResponse, raw_json
 from .storage import Store
-from .storage.errors import KeyChanged
+from .storage.errors import KeyChanged, QueryTooLong
 from .storage.types import (
     KEY_SETTINGS,
     MUTABLE_KEY_COLUMNS,
@@ -553,9 +553,17 @@ async def list_sessions(services: Services, request: Request, params: dict[str, 
     key = await _current_key(services, request, now)
     try:
         query = _session_query(params, now)
-        found = await services.db.list_sessions(
-            key.org_id, dataclasses.replace(query, limit=query.limit + 1)
-        )
+        try:
+            found = await services.db.list_sessions(
+                key.org_id, dataclasses.replace(query, limit=query.limit + 1)
+            )
+        except QueryTooLong:
+            raise ApiError(
+                503,
+                "listing these tokens took too long; narrow it with external_ref, or with "
+                "created_after and created_before",
+                headers={"Retry-After": "1"},
+            ) from None
     except ApiError as exc:
         exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
         raise

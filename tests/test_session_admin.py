@@ -309,3 +309,59 @@ def test_a_revocation_racing_a_consumption_lets_exactly_one_win(
     for token, (revoked, consumed) in outcomes.items():
         assert sorted((revoked, consumed)) == [200, 410], (token, revoked, consumed)
         assert stored[token] == ("revoked" if revoked == 200 else "consumed")
+
+
+def _seed_active(settings: config.Settings, org_id: int, count: int) -> None:
+    import os
+    import sqlite3
+
+    now = int(time.time() * 1000)
+    conn = sqlite3.connect(settings.database.path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO sessions (token, org_id, game_id, created_at, expires_at)"
+            " VALUES (?, ?, 1, ?, ?)",
+            ((os.urandom(16), org_id, now, now + 86_400_000) for _ in range(count)),
+        )
+    conn.close()
+
+
+@pytest.mark.sqlite_only
+def test_a_listing_no_index_serves_runs_beside_the_event_loop_and_has_a_deadline(
+    settings: config.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status=revoked in an organization of 600,000 active tokens walks them all: on SQLite
+    that runs on a thread (the loop keeps turning), and past its deadline it is given up."""
+    import asyncio
+
+    from dailyplay.storage import store_for
+    from dailyplay.storage.errors import QueryTooLong
+    from dailyplay.storage.sqlite import store as sqlite_store
+    from dailyplay.storage.types import SessionQuery
+
+    org = add_org(settings)
+    _seed_active(settings, org, 600_000)
+    query = SessionQuery(now=int(time.time() * 1000), limit=51, status="revoked")
+
+    async def main() -> tuple[float, float]:
+        store = store_for(settings.database)
+        await store.open()
+        gaps: list[float] = []
+        listing = asyncio.ensure_future(store.list_sessions(org, query))
+        started = last = time.perf_counter()
+        while not listing.done():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        assert await listing == []
+        spent = time.perf_counter() - started
+        monkeypatch.setattr(sqlite_store, "LIST_SECONDS", 0.005)
+        with pytest.raises(QueryTooLong):
+            await store.list_sessions(org, query)
+        await store.close()
+        return spent, max(gaps)
+
+    spent, longest_gap = asyncio.run(main())
+    assert spent > 0.02, spent  # a walk of every row, long enough to tell
+    assert longest_gap < spent / 3, (longest_gap, spent)

@@ -29,6 +29,11 @@ class StorageBusy(StorageError):
     """Another process held the write lock past the configured wait: retry shortly."""
 
 
+class QueryTooLong(StorageError):
+    """A listing walked more rows than its time allows (a filter no index serves, in a large
+    table) and was given up: narrow it."""
+
+
 class StorageFull(StorageError):
     """A write was refused for want of space (the disk, a quota, the file's page limit): it can
     succeed once an operator frees space."""
