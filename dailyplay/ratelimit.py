@@ -260,10 +260,12 @@ class _PerClientLimiter:
     def too_many(self, window: Window, now_ms: int) -> ApiError:
         return _too_many(self.refusal.format(limit=self._per_minute), window, now_ms, self.kind)
 
-    async def _hit(self, client_ip: str, now_ms: int) -> bool:
-        """Count a request in the client's minute: False when that went past the limit."""
+    async def _refused(self, client_ip: str, now_ms: int) -> ApiError | None:
+        """Count a request in the client's minute: the 429 when that went past the limit."""
         window = self._window(client_ip, now_ms)
-        return await self._limiter.hit(window.item, *window.identifiers(client_ip))
+        if await self._limiter.hit(window.item, *window.identifiers(client_ip)):
+            return None
+        return self.too_many(window, now_ms)
 
 
 class PublicRateLimiter(_PerClientLimiter):
@@ -273,8 +275,10 @@ class PublicRateLimiter(_PerClientLimiter):
     kind = "client_ip"
 
     async def hit(self, client_ip: str, now_ms: int) -> None:
-        if self._per_minute > 0 and not await self._hit(client_ip, now_ms):
-            raise self.too_many(self._window(client_ip, now_ms), now_ms)
+        if self._per_minute > 0:
+            refused = await self._refused(client_ip, now_ms)
+            if refused is not None:
+                raise refused
 
 
 @dataclass(frozen=True)
@@ -327,9 +331,7 @@ class FailedAuthLimiter(_PerClientLimiter):
     async def record_failure(self, client_ip: str, now_ms: int) -> ApiError | None:
         """Count a failed authentication: the 429 to answer instead of the 401 when the client
         was already past the limit (None: answer the 401)."""
-        if self._per_minute <= 0 or await self._hit(client_ip, now_ms):
-            return None
-        return self.too_many(self._window(client_ip, now_ms), now_ms)
+        return None if self._per_minute <= 0 else await self._refused(client_ip, now_ms)
 
 
 async def run_flusher(limiter: KeyRateLimiter, interval: float = 1.0) -> None:
