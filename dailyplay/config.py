@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import ipaddress
@@ -14,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from .counters import library_uri, uri_display
 
 MAX_EXPIRES_MINUTES = 525_600  # one year: the contract's upper bound for expires_in_minutes
 
@@ -73,16 +70,7 @@ class DatabaseSettings:
         without its password and options (which may hold one)."""
         if self.engine == "sqlite":
             return str(Path(self.path).resolve())
-        parts = urllib.parse.urlsplit(self.url)
-        netloc = parts.hostname or ""
-        if ":" in netloc:
-            netloc = f"[{netloc}]"
-        with contextlib.suppress(ValueError):
-            if parts.port:
-                netloc += f":{parts.port}"
-        if parts.username:
-            netloc = f"{parts.username}@{netloc}"
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return uri_display(self.url)
 
 
 @dataclass(frozen=True)
@@ -241,6 +229,49 @@ def _coerce(
             raise ConfigError(f"{where} must be a list of strings, got {value!r}")
         return list(value)
     raise AssertionError(f"unhandled setting type {annotation}")  # pragma: no cover
+
+
+# limits.storage_uri schemes users write -> the scheme of limits' async storage for them.
+SCHEMES = {
+    "redis": "async+redis",
+    "rediss": "async+rediss",
+    "redis+unix": "async+redis+unix",
+    "unix": "async+redis+unix",
+    "redis+sentinel": "async+redis+sentinel",
+    "redis+cluster": "async+redis+cluster",
+    "valkey": "async+valkey",
+    "valkeys": "async+valkeys",
+    "valkey+sentinel": "async+valkey+sentinel",
+    "valkey+cluster": "async+valkey+cluster",
+}
+
+
+def library_uri(uri: str) -> str:
+    """limits.storage_uri as limits' async storage wants it: redis://h:6379/0 becomes
+    async+redis://h:6379/0 (and so on for rediss, redis+unix, sentinel and cluster). ValueError
+    for a scheme that is not Redis's; the message does not repeat the uri (it may hold a
+    password)."""
+    scheme, separator, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if separator and scheme.startswith("async+") and scheme in SCHEMES.values():
+        return f"{scheme}://{rest}"
+    if not separator or scheme not in SCHEMES:
+        shown = scheme if separator and scheme.replace("+", "").isalnum() else "?"
+        raise ValueError(
+            f"limits.storage_uri has an unknown scheme ({shown}); use redis://HOST:6379/0, "
+            "rediss:// (TLS), redis+unix:///PATH, redis+sentinel://HOST:26379/SERVICE or "
+            "redis+cluster://HOST:6379"
+        )
+    return f"{SCHEMES[scheme]}://{rest}"
+
+
+def uri_display(uri: str) -> str:
+    """The uri without its password and query (which may hold one), for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # database.url schemes, by engine (the names SQLAlchemy and libpq accept).

@@ -24,7 +24,6 @@ import heapq
 import logging
 import math
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -33,24 +32,11 @@ from limits.aio.storage import Storage
 
 from .batch import Batcher
 from .clock import DAY_MS, MINUTE_MS
+from .config import library_uri, uri_display
 
 log = logging.getLogger("dailyplay.ratelimit")
 
 SPANS = {"minute": MINUTE_MS, "day": DAY_MS}
-
-# limits.storage_uri schemes users write -> the scheme of limits' async storage for them.
-SCHEMES = {
-    "redis": "async+redis",
-    "rediss": "async+rediss",
-    "redis+unix": "async+redis+unix",
-    "unix": "async+redis+unix",
-    "redis+sentinel": "async+redis+sentinel",
-    "redis+cluster": "async+redis+cluster",
-    "valkey": "async+valkey",
-    "valkeys": "async+valkeys",
-    "valkey+sentinel": "async+valkey+sentinel",
-    "valkey+cluster": "async+valkey+cluster",
-}
 
 # Every key shares one hash tag, so that the take script's keys are on one node of a cluster.
 KEY_PREFIX = "dailyplay:{limits}"
@@ -95,34 +81,6 @@ class Window:
 
     def expiry_seconds(self, now_ms: int) -> float:
         return (self.reset_ms - now_ms) / 1000 + 1
-
-
-def library_uri(uri: str) -> str:
-    """limits.storage_uri as limits' async storage wants it: redis://h:6379/0 becomes
-    async+redis://h:6379/0 (and so on for rediss, redis+unix, sentinel and cluster). ValueError
-    for a scheme that is not Redis's; the message does not repeat the uri (it may hold a
-    password)."""
-    scheme, separator, rest = uri.partition("://")
-    scheme = scheme.lower()
-    if separator and scheme.startswith("async+") and scheme in SCHEMES.values():
-        return f"{scheme}://{rest}"
-    if not separator or scheme not in SCHEMES:
-        shown = scheme if separator and scheme.replace("+", "").isalnum() else "?"
-        raise ValueError(
-            f"limits.storage_uri has an unknown scheme ({shown}); use redis://HOST:6379/0, "
-            "rediss:// (TLS), redis+unix:///PATH, redis+sentinel://HOST:26379/SERVICE or "
-            "redis+cluster://HOST:6379"
-        )
-    return f"{SCHEMES[scheme]}://{rest}"
-
-
-def uri_display(uri: str) -> str:
-    """The uri without its password and query (which may hold one), for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc.rpartition("@")[2]
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class LocalCounts:

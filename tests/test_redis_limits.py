@@ -27,7 +27,8 @@ from conftest import (
 from test_metrics import metrics_of, value
 
 from dailyplay import config
-from dailyplay.counters import PROBE_SECONDS, library_uri
+from dailyplay.config import library_uri
+from dailyplay.counters import PROBE_SECONDS
 
 pytestmark = [pytest.mark.usefixtures("fresh_minute")]
 
