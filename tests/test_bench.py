@@ -86,19 +86,23 @@ def test_the_memory_soak_samples_the_server_as_it_runs(tmp_path: Path) -> None:
     assert "heap (RssAnon)" in result.stdout
 
 
-def test_the_rate_limiter_benchmark_compares_storages(redis_server) -> None:
+def limiter_json(*options: str) -> dict:
+    """`python -m bench.limiter --json` with options; what it printed."""
     result = subprocess.run(
-        [
-            sys.executable, "-m", "bench.limiter", "--keys", "1", "100", "--hits", "400",
-            "--redis-url", redis_server.url, "--json",
-        ],
+        [sys.executable, "-m", "bench.limiter", *options, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+    )
+    return dict(json.loads(result.stdout))
+
+
+def test_the_rate_limiter_benchmark_compares_storages(redis_server) -> None:
+    found = limiter_json(
+        "--keys", "1", "100", "--hits", "400", "--redis-url", redis_server.url
     )  # fmt: skip
-    found = json.loads(result.stdout)
     for storage in ("limits MemoryStorage", "dailyplay LocalCounters"):
         assert set(found["us_per_hit"][storage]) == {"1", "100"}
     redis = found["redis"]
@@ -107,16 +111,11 @@ def test_the_rate_limiter_benchmark_compares_storages(redis_server) -> None:
 
 def test_the_rate_limiter_benchmark_counts_redis_commands_on_its_own_server() -> None:
     """On a throwaway Redis it can read: one script run (one round trip) per request."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.limiter", "--keys", "10", "--hits", "300", "--redis",
-         "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )  # fmt: skip
-    commands = json.loads(result.stdout)["redis"]["redis_commands_per_hit"]
+    from bench.redis import binary
+
+    require("redis-server", binary() is not None, "apt-get install redis-server (.ci/run does)")
+    found = limiter_json("--keys", "10", "--hits", "300", "--redis")
+    commands = found["redis"]["redis_commands_per_hit"]
     assert commands["evalsha"] == 1.0
     assert commands["incrby"] == 2.0  # the minute and the day; the lockout only read
     assert "eval" not in commands and "script|load" not in commands
