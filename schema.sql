@@ -1,4 +1,4 @@
--- DailyPlay schema, version 2 (the whole schema: a new database gets it in one step; older files
+-- DailyPlay schema, version 4 (the whole schema: a new database gets it in one step; older files
 -- are brought here by the later steps of MIGRATIONS in dailyplay/storage/sqlite/schema.py).
 -- Applied by `dailyplay init-db` and at server start inside one BEGIN IMMEDIATE transaction,
 -- together with `PRAGMA user_version`. Times are integer milliseconds since the Unix epoch, UTC.
@@ -109,3 +109,22 @@ CREATE TABLE IF NOT EXISTS key_usage (
 -- list-sessions (added in version 3): an organization's tokens by external reference, newest
 -- first (the look-up a shop or a CRM makes: "the tokens of order 1234").
 CREATE INDEX IF NOT EXISTS sessions_by_org_ref ON sessions (org_id, external_ref, id);
+
+-- Idempotency-Key on create-session (added in version 4): the outcome of the first request
+-- sent with a key, per API key, replayed to its retries. A row is `pending` from the moment a
+-- request claims the key until its outcome is stored (in the transaction that stores the
+-- token); `claim` names the request holding it, and a pending row past `locked_until` (its
+-- process died) may be taken over. Deleted sessions.idempotency_hours after created_at.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    api_key_id   INTEGER NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE,
+    idem_key     TEXT    NOT NULL CHECK (length(idem_key) BETWEEN 1 AND 255),
+    fingerprint  BLOB    NOT NULL,                   -- SHA-256 of method, action, canonical body
+    claim        TEXT    NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('pending', 'done')),
+    status       INTEGER,                            -- the stored answer, once done
+    body         BLOB,
+    created_at   INTEGER NOT NULL,
+    locked_until INTEGER NOT NULL,
+    PRIMARY KEY (api_key_id, idem_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_time ON idempotency_keys (created_at);

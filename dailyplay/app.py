@@ -403,7 +403,11 @@ def create_app(settings: config.Settings | None = None) -> DailyPlayApp:
         lines.start()
         try:
             async with (
-                running(run_retention(db, settings.sessions.retention_days)),
+                running(
+                    run_retention(
+                        db, settings.sessions.retention_days, settings.sessions.idempotency_hours
+                    )
+                ),
                 flushing(key_limiter),
                 flushing_metrics(metrics),
                 running(counters.watch()),

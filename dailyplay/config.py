@@ -98,6 +98,9 @@ class SessionSettings:
     retention_days: int = _setting(
         30, "finished (consumed, expired, revoked) tokens are deleted this long after (0: never)"
     )
+    idempotency_hours: int = _setting(
+        24, "how long create-session's answer to an Idempotency-Key is kept for its retries"
+    )
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,7 @@ def _check_ranges(s: Settings) -> None:
         "sessions.default_expires_minutes must be between 1 and sessions.max_expires_minutes",
     )
     need(0 <= s.sessions.retention_days <= 36_500, "sessions.retention_days must be 0..36500")
+    need(1 <= s.sessions.idempotency_hours <= 720, "sessions.idempotency_hours must be 1..720")
     need(s.limits.public_per_minute >= 0, "limits.public_per_minute must be >= 0")
     need(s.limits.failed_auth_per_minute >= 0, "limits.failed_auth_per_minute must be >= 0")
     need(

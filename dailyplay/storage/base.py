@@ -17,6 +17,9 @@ from .types import (
     Actor,
     ApiKey,
     AuditEntry,
+    Claim,
+    Completion,
+    IdempotencyRequest,
     KeyState,
     ListedSession,
     Member,
@@ -141,10 +144,15 @@ class Store(Protocol):
     # --- sessions -----------------------------------------------------------------------------
 
     async def insert_session(
-        self, session: NewSession, admitted_on: KeyState | None = None
+        self,
+        session: NewSession,
+        admitted_on: KeyState | None = None,
+        completion: Completion | None = None,
     ) -> None:
         """Store a token. With admitted_on, only if its key is still in exactly that state
-        inside the transaction; else KeyChanged and nothing is stored."""
+        inside the transaction; else KeyChanged and nothing is stored. With completion, the
+        idempotency key's answer is stored in the same transaction, only while the claim is
+        still the caller's; else ClaimLost and nothing is stored."""
 
     async def get_session(self, token: bytes) -> Session | None:
         """The token as it is now; every write committed before the call is seen."""
@@ -155,6 +163,27 @@ class Store(Protocol):
         """Mark an active token that has not expired by `now` consumed, atomically: of any
         number of concurrent callers, in any process, exactly one gets the session; the others
         (and every later caller) get None."""
+
+    # --- Idempotency-Key ----------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, request: IdempotencyRequest, now: int, locked_until: int, stale_before: int
+    ) -> Claim:
+        """Claim the key for the request until locked_until, atomically (of concurrent claims,
+        in any process, one wins), or say what holds it: the answer stored by an earlier
+        request with the key (REPLAY), that request still running (IN_FLIGHT), or another
+        request that used the key (MISMATCH). A row created before stale_before counts as
+        absent; a pending one past its lock is taken over."""
+
+    async def complete_idempotency_key(self, completion: Completion) -> bool:
+        """Store a claim's answer that created nothing (a refusal the request caused); False
+        when the claim is no longer the caller's."""
+
+    async def release_idempotency_key(self, api_key_id: int, key: str, claim: str) -> None:
+        """Give a pending claim up (the request failed for a reason a retry may not meet)."""
+
+    async def purge_idempotency_keys(self, cutoff: int, batch: int = ...) -> int:
+        """Delete idempotency keys created before cutoff, in bounded transactions; how many."""
 
     async def count_finished_sessions(self, cutoff: int) -> int:
         """How many tokens finished before cutoff (what a purge would delete)."""

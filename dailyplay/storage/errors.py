@@ -41,3 +41,8 @@ class StorageFull(StorageError):
 
 class StorageUnavailable(StorageError):
     """The database cannot be read or written right now (read-only, I/O error, unreachable)."""
+
+
+class ClaimLost(Exception):
+    """The request's claim on an idempotency key passed to another request (this one outlived
+    its lock); nothing was stored."""

@@ -212,3 +212,68 @@ class AuditEntry:
     api_key_id: int | None
     client_ip: str | None
     changes: dict[str, Any] | None
+
+
+# --- Idempotency-Key ------------------------------------------------------------------------------
+
+
+class IdempotencyRequest(NamedTuple):
+    """A create-session sent with an Idempotency-Key: the key's scope (the API key sending it),
+    the key, and the request's fingerprint (SHA-256 of method, action and canonical body)."""
+
+    api_key_id: int
+    key: str
+    fingerprint: bytes
+
+
+# What a claim on an idempotency key found (Claim.outcome).
+CLAIMED = "claimed"  # the request holds the key now: it goes on, then completes or releases it
+REPLAY = "replay"  # an earlier request with the key finished: its stored answer
+IN_FLIGHT = "in_flight"  # an earlier request with the key holds it, until locked_until
+MISMATCH = "mismatch"  # the key was used with another request
+
+
+class Claim(NamedTuple):
+    outcome: str
+    claim: str | None = None  # CLAIMED: the holder's name, to complete or release the claim
+    status: int | None = None  # REPLAY: the stored answer
+    body: bytes | None = None
+    locked_until: int | None = None  # IN_FLIGHT
+
+
+class Completion(NamedTuple):
+    """The answer to store for a claimed idempotency key (with its token, for a 200)."""
+
+    api_key_id: int
+    key: str
+    claim: str
+    status: int
+    body: bytes
+
+
+class StoredKey(NamedTuple):
+    """An idempotency key's row, as a claim reads it."""
+
+    fingerprint: bytes
+    state: str
+    status: int | None
+    body: bytes | None
+    created_at: int
+    locked_until: int
+
+
+def claim_outcome(
+    row: StoredKey | None, fingerprint: bytes, now: int, stale_before: int
+) -> Claim | None:
+    """What a claim finds in the key's row: None when the request may take the key (no row, a
+    row past retention, or a pending one whose holder outlived its lock: it died)."""
+    if row is None or row.created_at < stale_before:
+        return None
+    if bytes(row.fingerprint) != fingerprint:
+        return Claim(MISMATCH)
+    if row.state == "done":
+        assert row.status is not None and row.body is not None
+        return Claim(REPLAY, status=row.status, body=bytes(row.body))
+    if row.locked_until > now:
+        return Claim(IN_FLIGHT, locked_until=row.locked_until)
+    return None

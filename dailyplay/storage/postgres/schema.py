@@ -36,6 +36,7 @@ MIGRATIONS: list[tuple[str, Callable[[], str]]] = [
     ("initial schema", schema_text),
     ("readiness probe row; retention indexes; audit log; key usage", schema_text),
     ("sessions by organization and external reference", schema_text),
+    ("idempotency keys of create-session", schema_text),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

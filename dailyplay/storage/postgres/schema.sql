@@ -1,4 +1,4 @@
--- DailyPlay schema for PostgreSQL, version 2: the same tables, columns and rules as the SQLite
+-- DailyPlay schema for PostgreSQL, version 4: the same tables, columns and rules as the SQLite
 -- schema (schema.sql at the top of the source tree), in PostgreSQL's own types. Every statement
 -- is IF NOT EXISTS: migration step 1 makes a new database complete, and a later step that only
 -- adds tables and indexes runs it again (dailyplay/storage/postgres/schema.py).
@@ -108,3 +108,21 @@ CREATE TABLE IF NOT EXISTS key_usage (
 
 -- list-sessions: an organization's tokens by external reference, newest first.
 CREATE INDEX IF NOT EXISTS sessions_by_org_ref ON sessions (org_id, external_ref, id);
+
+-- Idempotency-Key on create-session: the outcome of the first request sent with a key, per API
+-- key, replayed to its retries. `pending` from the claim until the outcome is stored (in the
+-- transaction that stores the token); `claim` names the request holding it, and a pending row
+-- past `locked_until` (its process died) may be taken over.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    api_key_id   bigint NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE,
+    idem_key     text   NOT NULL CHECK (length(idem_key) BETWEEN 1 AND 255),
+    fingerprint  bytea  NOT NULL,          -- SHA-256 of method, action, canonical body
+    claim        text   NOT NULL,
+    state        text   NOT NULL CHECK (state IN ('pending', 'done')),
+    status       integer,                  -- the stored answer, once done
+    body         bytea,
+    created_at   bigint NOT NULL,
+    locked_until bigint NOT NULL,
+    PRIMARY KEY (api_key_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_time ON idempotency_keys (created_at);

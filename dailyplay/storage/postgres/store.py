@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,15 @@ from ... import audit, sessions
 from ...batch import Batcher
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
-from ..errors import Duplicate, KeyChanged, StorageError, StorageFull, StorageUnavailable
+from ..errors import (
+    ClaimLost,
+    Duplicate,
+    KeyChanged,
+    StorageBusy,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
+)
 from ..rows import (
     API_KEY_COLUMNS,
     AUDIT_COLUMNS,
@@ -30,12 +39,16 @@ from ..rows import (
     session_conditions,
 )
 from ..types import (
+    CLAIMED,
     MUTABLE_KEY_COLUMNS,
     USAGE_FIELDS,
     USAGE_KEPT_HOURS,
     Actor,
     ApiKey,
     AuditEntry,
+    Claim,
+    Completion,
+    IdempotencyRequest,
     KeyState,
     ListedSession,
     Member,
@@ -45,6 +58,8 @@ from ..types import (
     OrgListing,
     Session,
     SessionQuery,
+    StoredKey,
+    claim_outcome,
 )
 from .pool import ConnectionPool
 from .schema import migrate, read_version, translated
@@ -83,6 +98,50 @@ INSERT_ADMITTED_SESSION = (
     " INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id, external_ref,"
     " metadata, created_at, expires_at)"
     " SELECT $1, $2, $3, $4, $5, $6, $7::json, $8, $9 FROM admitted"
+)
+# A token with its idempotency key's answer, in one statement: stored only while the request
+# still holds the claim (the row, locked FOR UPDATE, so a take-over waits for this transaction
+# and then finds the key done) and the key is as admitted (INSERT_ADMITTED_SESSION's check).
+# Returns (the claim was held, the token was stored).
+INSERT_CLAIMED_SESSION = (
+    "WITH claim AS (SELECT 1 FROM idempotency_keys WHERE api_key_id = $3 AND idem_key = $19"
+    " AND claim = $20 AND state = 'pending' FOR UPDATE),"
+    " admitted AS (SELECT 1 FROM claim, api_keys k JOIN orgs o ON o.id = k.org_id"
+    " WHERE k.id = $3 AND k.org_id = $10 AND k.key_hash = $11 AND k.is_active = $12"
+    " AND k.allowed_game_ids IS NOT DISTINCT FROM $13::jsonb"
+    " AND k.allowed_stream_ids IS NOT DISTINCT FROM $14::jsonb"
+    " AND k.rate_limit_per_minute = $15 AND k.rate_limit_per_day = $16"
+    " AND k.expires_at IS NOT DISTINCT FROM $17 AND o.tier = $18"
+    " FOR KEY SHARE OF k, o),"
+    " inserted AS (INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id,"
+    " external_ref, metadata, created_at, expires_at)"
+    " SELECT $1, $2, $3, $4, $5, $6, $7::json, $8, $9 FROM admitted RETURNING 1),"
+    " done AS (UPDATE idempotency_keys SET state = 'done', status = $21, body = $22"
+    " WHERE api_key_id = $3 AND idem_key = $19 AND EXISTS (SELECT 1 FROM inserted) RETURNING 1)"
+    " SELECT EXISTS (SELECT 1 FROM claim), EXISTS (SELECT 1 FROM done)"
+)
+# Idempotency-Key claims (storage.types.Claim): a new key in one statement; a key in use is read
+# locked, and taken over when claim_outcome allows.
+CLAIM_NEW_KEY = (
+    "INSERT INTO idempotency_keys (api_key_id, idem_key, fingerprint, claim, state, created_at,"
+    " locked_until) VALUES ($1, $2, $3, $4, 'pending', $5, $6)"
+    " ON CONFLICT (api_key_id, idem_key) DO NOTHING RETURNING 1"
+)
+READ_KEY_LOCKED = (
+    "SELECT fingerprint, state, status, body, created_at, locked_until FROM idempotency_keys"
+    " WHERE api_key_id = $1 AND idem_key = $2 FOR UPDATE"
+)
+TAKE_OVER_KEY = (
+    "UPDATE idempotency_keys SET fingerprint = $3, claim = $4, state = 'pending', status = NULL,"
+    " body = NULL, created_at = $5, locked_until = $6 WHERE api_key_id = $1 AND idem_key = $2"
+)
+COMPLETE_KEY = (
+    "UPDATE idempotency_keys SET state = 'done', status = $4, body = $5"
+    " WHERE api_key_id = $1 AND idem_key = $2 AND claim = $3 AND state = 'pending'"
+)
+RELEASE_KEY = (
+    "DELETE FROM idempotency_keys"
+    " WHERE api_key_id = $1 AND idem_key = $2 AND claim = $3 AND state = 'pending'"
 )
 # One statement: of concurrent consumers of a token, PostgreSQL lets exactly one update the row;
 # the others wait for it, re-check the WHERE on the consumed row and update nothing.
@@ -769,8 +828,14 @@ class PostgresStore:
     # --- sessions ------------------------------------------------------------------------------
 
     async def insert_session(
-        self, session: NewSession, admitted_on: KeyState | None = None
+        self,
+        session: NewSession,
+        admitted_on: KeyState | None = None,
+        completion: Completion | None = None,
     ) -> None:
+        if completion is not None:
+            await self._insert_claimed(session, admitted_on, completion)
+            return
         if admitted_on is None:
             await self._execute(INSERT_SESSION, *session)
             self._count(session.api_key_id, session.created_at, 0)
@@ -821,6 +886,27 @@ class PostgresStore:
             else:
                 results.append(KeyChanged(session.api_key_id))
         return results
+
+    async def _insert_claimed(
+        self, session: NewSession, a: KeyState | None, completion: Completion
+    ) -> None:
+        """A token with its idempotency key's answer (INSERT_CLAIMED_SESSION)."""
+        if a is None:
+            raise ValueError("an idempotent insert is admitted on a key's state")
+        c = completion
+        held, stored = await self._fetchrow(
+            INSERT_CLAIMED_SESSION,
+            *session,
+            a.org_id, a.key_hash, a.is_active, _json_list(a.allowed_game_ids),
+            _json_list(a.allowed_stream_ids), a.rate_limit_per_minute,
+            a.rate_limit_per_day, a.expires_at, a.tier,
+            c.key, c.claim, c.status, c.body,
+        )  # fmt: skip
+        if not held:
+            raise ClaimLost(c.key)
+        if not stored:
+            raise KeyChanged(session.api_key_id)
+        self._count(session.api_key_id, session.created_at, 0)
 
     async def _insert_alone(self, session: NewSession, state: KeyState) -> BaseException | None:
         try:
@@ -875,6 +961,64 @@ class PostgresStore:
             results[index] = session
             self._count(session.api_key_id, asks[index][2], 1)
         return results
+
+    # --- Idempotency-Key -------------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, request: IdempotencyRequest, now: int, locked_until: int, stale_before: int
+    ) -> Claim:
+        import asyncpg
+
+        key_id, key, fingerprint = request
+        claim = secrets.token_hex(8)
+
+        async def in_use(conn: asyncpg.Connection) -> Claim | None:
+            row = await conn.fetchrow(READ_KEY_LOCKED, key_id, key)
+            if row is None:
+                return None  # released or purged meanwhile: try a new claim again
+            found = claim_outcome(StoredKey(*row), fingerprint, now, stale_before)
+            if found is None:
+                await conn.execute(
+                    TAKE_OVER_KEY, key_id, key, fingerprint, claim, now, locked_until
+                )
+                found = Claim(CLAIMED, claim=claim)
+            return found
+
+        for _attempt in range(3):
+            try:
+                row = await self._fetchrow(
+                    CLAIM_NEW_KEY, key_id, key, fingerprint, claim, now, locked_until
+                )
+            except asyncpg.ForeignKeyViolationError:
+                raise KeyChanged(key_id) from None  # the API key was deleted meanwhile
+            if row is not None:
+                return Claim(CLAIMED, claim=claim)
+            found = await self._in_transaction(in_use)
+            if found is not None:
+                return found
+        raise StorageBusy(f"idempotency key {key_id} kept changing")
+
+    async def complete_idempotency_key(self, completion: Completion) -> bool:
+        c = completion
+        status = await self._execute(COMPLETE_KEY, c.api_key_id, c.key, c.claim, c.status, c.body)
+        return _row_count(status) > 0
+
+    async def release_idempotency_key(self, api_key_id: int, key: str, claim: str) -> None:
+        await self._execute(RELEASE_KEY, api_key_id, key, claim)
+
+    async def purge_idempotency_keys(self, cutoff: int, batch: int = PURGE_BATCH) -> int:
+        deleted = 0
+        while True:
+            status = await self._execute(
+                "DELETE FROM idempotency_keys WHERE (api_key_id, idem_key) IN"
+                " (SELECT api_key_id, idem_key FROM idempotency_keys WHERE created_at < $1"
+                " LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                cutoff, batch,
+            )  # fmt: skip
+            done = _row_count(status)
+            deleted += done
+            if done < batch:
+                return deleted
 
     # --- retention -----------------------------------------------------------------------------
 

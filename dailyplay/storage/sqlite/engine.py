@@ -18,9 +18,10 @@ from typing import Any
 
 from ...clock import HOUR_MS
 from ...config import DatabaseSettings
-from ..errors import KeyChanged
+from ..errors import ClaimLost, KeyChanged
 from ..rows import key_state
-from ..types import KeyState, Session
+from ..types import KeyState, NewSession, Session
+from .idempotency import complete_key
 from .schema import _open, checkpoint, checkpoint_to_start_over, is_full, translated
 from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW
 
@@ -406,7 +407,11 @@ def _commit_writes(
         if len(writes) == 1:
             return [(False, exc)]
         return [outcome for write in writes for outcome in _commit_writes(conn, [write])]
-    return [(not isinstance(result, KeyChanged), result) for result in results]
+    return [(not isinstance(result, _REFUSALS), result) for result in results]
+
+
+# What a write's result is when it stored nothing because what it was admitted on had changed.
+_REFUSALS = (KeyChanged, ClaimLost)
 
 
 def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[Any]:
@@ -429,7 +434,7 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
         chunk = inserts[start : start + ROWS_PER_STATEMENT]
         # No RETURNING: each returned row would be one more step, each handing the GIL back
         # and forth with the busy event loop; callers need only know the insert committed.
-        values = [writes[index][1][0] for index in chunk]
+        values: list[NewSession] = [writes[index][1][0] for index in chunk]
         conn.execute(
             INSERT_SESSION_HEAD + ", ".join([SESSION_ROW] * len(chunk)),
             [value for row_values in values for value in row_values],
@@ -457,11 +462,13 @@ def _admitted(
     conn: sqlite3.Connection, writes: list[tuple[str, Any]], inserts: list[int], results: list[Any]
 ) -> list[int]:
     """The token inserts whose key is still in the state they were admitted on (read once per
-    key in the group); the others get KeyChanged as their result and insert nothing."""
+    key in the group) and whose idempotency claim, if any, is still theirs (its answer is
+    stored here, with the token). The others get KeyChanged or ClaimLost as their result and
+    insert nothing."""
     current: dict[int, KeyState | None] = {}
     admitted = []
     for index in inserts:
-        values, admitted_on = writes[index][1]
+        values, admitted_on, completion = writes[index][1]
         if admitted_on is not None:
             key_id = values.api_key_id
             if key_id not in current:
@@ -470,6 +477,9 @@ def _admitted(
             if current[key_id] != admitted_on:
                 results[index] = KeyChanged(key_id)
                 continue
+        if completion is not None and not complete_key(conn, completion):
+            results[index] = ClaimLost(completion.key)
+            continue
         admitted.append(index)
     return admitted
 

@@ -18,6 +18,9 @@ from ..types import (
     Actor,
     ApiKey,
     AuditEntry,
+    Claim,
+    Completion,
+    IdempotencyRequest,
     KeyState,
     ListedSession,
     Member,
@@ -57,6 +60,7 @@ from .engine import (
     _checkpoint_and_close,
     _Write,
 )
+from .idempotency import claim_key, complete_key, purge_keys, release_key
 from .schema import _open, check_directory, connect, reraise
 from .statements import GET_SESSION, KEY_STATE
 
@@ -478,12 +482,39 @@ class Database:
     # --- sessions ------------------------------------------------------------------------------
 
     async def insert_session(
-        self, session: NewSession, admitted_on: KeyState | None = None
+        self,
+        session: NewSession,
+        admitted_on: KeyState | None = None,
+        completion: Completion | None = None,
     ) -> None:
         """Store a token; returns once it is committed. With admitted_on, the token is stored
         only if its key is still in exactly that state inside the transaction; else KeyChanged
-        is raised and nothing is stored."""
-        await self._enqueue("insert_session", (session, admitted_on))
+        is raised and nothing is stored. With completion, the idempotency key's answer is
+        stored in the same transaction, if the claim is still the caller's; else ClaimLost."""
+        await self._enqueue("insert_session", (session, admitted_on, completion))
+
+    # --- Idempotency-Key ---------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, request: IdempotencyRequest, now: int, locked_until: int, stale_before: int
+    ) -> Claim:
+        return await self._in_transaction(
+            lambda conn: claim_key(conn, request, now, locked_until, stale_before)
+        )
+
+    async def complete_idempotency_key(self, completion: Completion) -> bool:
+        return await self._in_transaction(lambda conn: complete_key(conn, completion))
+
+    async def release_idempotency_key(self, api_key_id: int, key: str, claim: str) -> None:
+        await self._in_transaction(lambda conn: release_key(conn, api_key_id, key, claim))
+
+    async def purge_idempotency_keys(self, cutoff: int, batch: int = PURGE_BATCH) -> int:
+        deleted = 0
+        while True:
+            done = await self._in_transaction(lambda conn: purge_keys(conn, cutoff, batch))
+            deleted += done
+            if done < batch:
+                return deleted
 
     async def get_session(self, token: bytes) -> Session | None:
         # One SQL string object for every call: a string built per call (validate-session's
