@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import inputs, sessions
+from . import idempotency, inputs, sessions
 from .audit import audit_entry
 from .auth import JwtVerifier, Principal, require_org_role
-from .clock import iso_from_ms, ms_from_iso, now_ms
+from .clock import HOUR_MS, iso_from_ms, ms_from_iso, now_ms
 from .config import Settings
 from .deadlines import Deadlines
 from .errors import ApiError
@@ -46,15 +47,21 @@ from .ratelimit import (
     WindowState,
     rate_limit_headers,
 )
-from .responses import JsonResponse, raw_json
+from .responses import JsonResponse, json_bytes, raw_json
 from .storage import Store
-from .storage.errors import KeyChanged, QueryTooLong
+from .storage.errors import ClaimLost, KeyChanged, QueryTooLong
 from .storage.types import (
+    CLAIMED,
+    IN_FLIGHT,
     KEY_SETTINGS,
+    MISMATCH,
     MUTABLE_KEY_COLUMNS,
     NO_USAGE,
     SESSION_STATUSES,
     Actor,
+    Claim,
+    Completion,
+    IdempotencyRequest,
     KeyState,
     ListedSession,
     NewSession,
@@ -177,12 +184,20 @@ class KeyContext:
 
 
 async def authenticate_api_key(services: Services, request: Request, now: int) -> KeyContext:
-    """The x-api-key's row, checked (401/403) and counted against its limits (429).
+    """The x-api-key's row, checked (401/403) and counted against its limits (429)."""
+    key_hash, state, remembered = await _identify_key(services, request, now)
+    return await _count_key(services, request, key_hash, state, now, remembered)
 
-    A reading of the row remembered from an earlier request is used when it admits the
-    request; the admission is confirmed when the token is inserted (KeyChanged otherwise).
-    Anything it would refuse is decided again on the current row, so that old state never
-    refuses.
+
+async def _identify_key(
+    services: Services, request: Request, now: int
+) -> tuple[str, KeyState, bool]:
+    """The x-api-key's row, checked (401/403) and not yet counted: (the key's hash, the reading
+    of its row it passed on, whether that reading was remembered from an earlier request).
+
+    A remembered reading is used when it admits the request; the admission is confirmed when
+    the token is inserted (KeyChanged otherwise). Anything it would refuse is decided again on
+    the current row, so that old state never refuses.
     """
     raw = inputs.header(request.scope, b"x-api-key")
     if not raw:
@@ -199,17 +214,42 @@ async def authenticate_api_key(services: Services, request: Request, now: int) -
     verified = await services.key_verifier.verify(raw)
     if verified is None:
         raise ApiError(401, "invalid API key", kind="api_key_invalid")
-    lockout = request.scope.get(LOCKOUT)
     remembered = services.key_states.get(verified.key_id)
     if remembered is not None:
         try:
-            return await _admit(
-                services, request, verified.key_hash, remembered, now, True, lockout
-            )
+            return verified.key_hash, _check_key(request, verified.key_hash, remembered, now), True
         except ApiError:
             pass  # perhaps out of date: decide on the current row
     state = await _read_key_state(services, verified.key_id)
-    return await _admit(services, request, verified.key_hash, state, now, False, lockout)
+    return verified.key_hash, _check_key(request, verified.key_hash, state, now), False
+
+
+async def _count_key(
+    services: Services,
+    request: Request,
+    key_hash: str,
+    state: KeyState,
+    now: int,
+    remembered: bool,
+) -> KeyContext:
+    """The request counted against the limits of the key _identify_key admitted (429 past
+    them); a refusal on a remembered reading is decided again on the current row."""
+    lockout = request.scope.get(LOCKOUT)
+    if remembered:
+        try:
+            return await _admit(services, request, key_hash, state, now, True, lockout)
+        except ApiError:
+            pass  # perhaps out of date: decide on the current row
+        return await _admit(
+            services,
+            request,
+            key_hash,
+            await _read_key_state(services, state.key_id),
+            now,
+            False,
+            lockout,
+        )
+    return await _admit(services, request, key_hash, state, now, False, lockout)
 
 
 async def _read_key_state(services: Services, key_id: int) -> KeyState | None:
@@ -311,14 +351,32 @@ async def _insert_session(
     fields: SessionFields,
     now: int,
     expires_at: int,
-) -> tuple[uuid.UUID, KeyContext]:
-    """Store a new token for the key, as the key's row is when it is stored; returns the token
-    and the key as it was admitted then."""
+    claim: tuple[IdempotencyRequest, str] | None = None,
+) -> tuple[bytes, KeyContext]:
+    """Store a new token for the key, as the key's row is when it is stored (with the answer
+    to the request's idempotency claim, if any, in the same transaction); returns the answer's
+    body and the key as it was admitted then."""
     for _reading in range(KEY_READINGS):
         try:
             sessions.check_allowed(fields.game_id, key.state.allowed_game_ids, "game")
             sessions.check_allowed(fields.stream_id, key.state.allowed_stream_ids, "stream")
             token = new_session_token(now)
+            body = json_bytes(
+                {
+                    "success": True,
+                    "data": {
+                        "token": str(token),
+                        "game_id": fields.game_id,
+                        "stream_id": fields.stream_id,
+                        "expires_at": iso_from_ms(expires_at),
+                        "external_ref": fields.external_ref,
+                    },
+                }
+            )
+            completion = None
+            if claim is not None:
+                ask, holder = claim
+                completion = Completion(ask.api_key_id, ask.key, holder, 200, body)
             await services.db.insert_session(
                 NewSession(
                     token.bytes,
@@ -332,13 +390,16 @@ async def _insert_session(
                     expires_at,
                 ),
                 key.state,
+                completion,
             )
-            return token, key
+            return body, key
         except ApiError:
             if not key.remembered:
                 raise
         except KeyChanged:
             pass
+        except ClaimLost:
+            raise idempotency.taken_over() from None
         key = await _readmit(services, request, key, now)
     raise ApiError(
         503,
@@ -347,33 +408,153 @@ async def _insert_session(
     )
 
 
+async def _read_create_body(
+    services: Services, request: Request, key: KeyContext, now: int
+) -> dict[str, Any]:
+    try:
+        return await read_body(services, request)
+    except ApiError:
+        if key.remembered:
+            await _readmit(services, request, key, now)  # a changed key answers first
+        raise
+
+
+async def _create(
+    services: Services,
+    request: Request,
+    key: KeyContext,
+    body: dict[str, Any],
+    now: int,
+    claim: tuple[IdempotencyRequest, str] | None = None,
+) -> tuple[bytes, KeyContext]:
+    """A token made from the request body for the admitted key (_insert_session)."""
+    try:
+        fields = _session_fields(services, body)
+    except ApiError:
+        if key.remembered:
+            await _readmit(services, request, key, now)  # a changed key answers first
+        raise
+    expires_at = now + fields.expires_in_minutes * 60_000
+    return await _insert_session(services, request, key, fields, now, expires_at, claim)
+
+
 async def create_session(services: Services, request: Request, params: dict[str, str]) -> Response:
     now = now_ms()
+    idempotency_key = idempotency.header_key(request.scope)
+    if idempotency_key is not None:
+        return await _create_session_once(services, request, now, idempotency_key)
     key = await authenticate_api_key(services, request, now)
     try:
-        try:
-            fields = _session_fields(services, await read_body(services, request))
-        except ApiError:
-            if key.remembered:
-                await _readmit(services, request, key, now)  # a changed key answers first
-            raise
-        expires_at = now + fields.expires_in_minutes * 60_000
-        token, key = await _insert_session(services, request, key, fields, now, expires_at)
+        body = await _read_create_body(services, request, key, now)
+        created, key = await _create(services, request, key, body, now)
     except ApiError as exc:
         # The request was counted: its answer says how much of the window is left.
         exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
         raise
     services.metrics.session_created()
-    return ok(
-        {
-            "token": str(token),
-            "game_id": fields.game_id,
-            "stream_id": fields.stream_id,
-            "expires_at": iso_from_ms(expires_at),
-            "external_ref": fields.external_ref,
-        },
-        headers=rate_limit_headers(key.rate),
+    return JsonResponse(orjson.Fragment(created), headers=rate_limit_headers(key.rate))
+
+
+async def _create_session_once(
+    services: Services, request: Request, now: int, idempotency_key: str
+) -> Response:
+    """create-session with an Idempotency-Key: the first request with the key (for this API
+    key) makes the token, and its answer is stored with it; a retry gets that answer again,
+    without counting against the key's limits."""
+    key_hash, state, remembered = await _identify_key(services, request, now)
+    try:
+        body = await read_body(services, request)
+    except ApiError as exc:  # nothing to claim the key for: answered as without it
+        key = await _count_key(services, request, key_hash, state, now, remembered)
+        exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
+        if key.remembered:
+            await _readmit(services, request, key, now)
+        raise
+    ask = IdempotencyRequest(
+        state.key_id,
+        idempotency_key,
+        idempotency.fingerprint(request.method, "create-session", body),
     )
+    settings = services.settings
+    try:
+        claim = await services.db.claim_idempotency_key(
+            ask,
+            now,
+            now + idempotency.lock_ms(settings),
+            now - settings.sessions.idempotency_hours * HOUR_MS,
+        )
+    except KeyChanged:  # the API key was deleted meanwhile
+        raise ApiError(401, "invalid API key", kind="api_key_invalid") from None
+    if claim.outcome != CLAIMED:
+        return await _answer_claimed_key(services, request, now, key_hash, state, remembered, claim)
+    assert claim.claim is not None
+    holder = claim.claim
+    try:
+        key = await _count_key(services, request, key_hash, state, now, remembered)
+    except BaseException:
+        await _release(services, ask, holder)
+        raise
+    try:
+        created, key = await _create(services, request, key, body, now, (ask, holder))
+    except ApiError as exc:
+        if idempotency.kept(exc):
+            await _keep_refusal(services, ask, holder, exc)
+        else:
+            await _release(services, ask, holder)
+        exc.headers = {**rate_limit_headers(key.rate), **exc.headers}
+        raise
+    except BaseException:
+        await _release(services, ask, holder)
+        raise
+    services.metrics.session_created()
+    return JsonResponse(orjson.Fragment(created), headers=rate_limit_headers(key.rate))
+
+
+async def _answer_claimed_key(
+    services: Services,
+    request: Request,
+    now: int,
+    key_hash: str,
+    state: KeyState,
+    remembered: bool,
+    claim: Claim,
+) -> Response:
+    """The answer when another request holds or held the key: its stored answer replayed
+    (decided on the key's current row: a key revoked since gets 401), 409 while it runs, 422
+    when it was another request. None of these counts against the key's limits."""
+    await services.auth_failures.confirm(request.scope.get(LOCKOUT), now)
+    if claim.outcome == IN_FLIGHT:
+        raise idempotency.in_flight()
+    if claim.outcome == MISMATCH:
+        raise idempotency.mismatch()
+    if remembered:
+        _check_key(request, key_hash, await _read_key_state(services, state.key_id), now)
+    assert claim.status is not None and claim.body is not None
+    services.metrics.idempotent_replay()
+    return idempotency.replayed(claim.status, claim.body)
+
+
+async def _keep_refusal(
+    services: Services, ask: IdempotencyRequest, holder: str, exc: ApiError
+) -> None:
+    """Store a refusal the request caused as the key's answer (else give the key up)."""
+    completion = Completion(
+        ask.api_key_id, ask.key, holder, exc.status, idempotency.error_body(exc)
+    )
+    try:
+        await services.db.complete_idempotency_key(completion)
+    except Exception as error:
+        log.warning("storing an idempotency key's answer failed: %s", error)
+        await _release(services, ask, holder)
+
+
+async def _release(services: Services, ask: IdempotencyRequest, holder: str) -> None:
+    """Give the claim up, so that a retry with the key is tried afresh. When even that fails
+    (the database is out of reach), the claim lapses at its lock's end."""
+    try:
+        await services.db.release_idempotency_key(ask.api_key_id, ask.key, holder)
+    except Exception as error:
+        log.warning("releasing an idempotency key failed: %s", error)
 
 
 def _metadata(text: str | None) -> Any:

@@ -120,6 +120,10 @@ class Metrics:
             "dailyplay_sessions_validated", "Validations that found an active (playable) token"
         )
         self.sessions_consumed = counter("dailyplay_sessions_consumed", "Session tokens consumed")
+        self.idempotent_replays = counter(
+            "dailyplay_idempotent_replays",
+            "create-session answers replayed to a retry with the same Idempotency-Key",
+        )
         self.sessions_rejected = counter(
             "dailyplay_sessions_rejected",
             "Create, validate or consume requests refused for the token's sake, by reason",
@@ -205,6 +209,9 @@ class Metrics:
 
     def session_consumed(self) -> None:
         self._inc(self.sessions_consumed)
+
+    def idempotent_replay(self) -> None:
+        self._inc(self.idempotent_replays)
 
     def limits_storage_error(self) -> None:
         self._inc(self.limits_storage_errors)

@@ -43,11 +43,16 @@ class JsonResponse(Response):
             self.raw_headers = [(b"content-length", str(len(body)).encode()), JSON_CONTENT_TYPE]
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content)
-        except orjson.JSONEncodeError:
-            # What orjson declines (an integer past 64 bits, a non-string key) json can still
-            # write, exactly as Starlette's JSONResponse would.
-            return json.dumps(
-                content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-            ).encode("utf-8")
+        return json_bytes(content)
+
+
+def json_bytes(content: Any) -> bytes:
+    """content as the bytes of a JsonResponse's body."""
+    try:
+        return orjson.dumps(content)
+    except orjson.JSONEncodeError:
+        # What orjson declines (an integer past 64 bits, a non-string key) json can still
+        # write, exactly as Starlette's JSONResponse would.
+        return json.dumps(
+            content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+        ).encode("utf-8")
