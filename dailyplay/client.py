@@ -13,10 +13,13 @@
 Errors arrive as exceptions of their meaning (TokenConsumed, TokenExpired, TokenRevoked,
 TokenNotFound, RateLimited, Unauthorized, Forbidden, ...), all DailyPlayError. A request is
 retried, with exponential backoff and jitter, only where that cannot do anything twice: reads on
-connection failures, timeouts, 502/503/504; writes only when the server cannot have acted on
-them (the connection was never made, or a 503, which the server answers before acting or after
-rolling back). consume-session is never retried: call it again yourself after checking with
-validate_session. A 429 is not retried; RateLimited says when to try again.
+connection failures, timeouts, 502/503/504; create-session on connection failures, timeouts,
+any 5xx and 409 (a retry still in flight), always with the Idempotency-Key of its first attempt,
+so that the server makes one token however many attempts reach it; other writes only when the
+server cannot have acted on them (the connection was never made, or a 503, which the server
+answers before acting or after rolling back). consume-session is never retried: call it again
+yourself after checking with validate_session. A 429 is not retried; RateLimited says when to
+try again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import enum
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
@@ -53,6 +57,8 @@ __all__ = [
     "DailyPlayTimeout",
     "DeletedApiKey",
     "Forbidden",
+    "IdempotencyKeyInUse",
+    "IdempotencyKeyReused",
     "NotFound",
     "RateLimit",
     "RateLimited",
@@ -164,6 +170,25 @@ class RateLimited(DailyPlayError):
         self.rate_limit = rate_limit
 
 
+class IdempotencyKeyInUse(DailyPlayError):
+    """409: an earlier attempt with this Idempotency-Key is still being processed (create_session
+    retries this itself); `retry_after` is the number of seconds to wait."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status, request_id)
+        self.retry_after = retry_after
+
+
+class IdempotencyKeyReused(BadRequest):
+    """422: this Idempotency-Key was used with a different request; use a new key."""
+
+
 class ServerError(DailyPlayError):
     """5xx: the server failed."""
 
@@ -206,6 +231,9 @@ class SessionToken:
     expires_at: datetime
     external_ref: str | None
     rate_limit: RateLimit | None = None
+    # The server's stored answer to an earlier attempt with the same Idempotency-Key (the
+    # same token; rate_limit is then None: a replay is not counted).
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -357,6 +385,7 @@ class AuditPage:
 
 class Retry(enum.Enum):
     READ = "read"  # safe to repeat: on connection failures, timeouts, 502/503/504
+    IDEMPOTENT = "idempotent"  # sent with an Idempotency-Key: as READ, and on any 5xx and 409
     UNSENT = "unsent"  # a write: only when the server cannot have acted on it
     NEVER = "never"  # consume-session
 
@@ -370,6 +399,7 @@ class _Call(Generic[T]):
     retry: Retry
     parse: Callable[[Any, httpx.Response], T]
     token_operation: bool = False  # 404 -> TokenNotFound, 410 -> the token's state
+    headers: Mapping[str, str] = field(default_factory=dict)  # sent on every attempt
 
 
 def _without_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,6 +443,10 @@ def _error(response: httpx.Response, call: _Call[Any], request_id: str) -> Daily
         lowered = message.lower()
         state = next((s for s in ("consumed", "revoked", "expired") if s in lowered), "")
         return _gone(state)(message, status, request_id)
+    if status == 409 and call.retry is Retry.IDEMPOTENT:
+        return IdempotencyKeyInUse(message, status, request_id, _retry_after(response))
+    if status == 422 and call.retry is Retry.IDEMPOTENT:
+        return IdempotencyKeyReused(message, status, request_id)
     if status == 429:
         return RateLimited(
             message, status, request_id, _retry_after(response), _rate_limit(response)
@@ -445,6 +479,7 @@ class _Calls:
         external_ref: str | None,
         metadata: Mapping[str, Any] | None,
         expires_in_minutes: int | None,
+        idempotency_key: str | None,
     ) -> _Call[SessionToken]:
         body = _without_none(
             {
@@ -464,9 +499,20 @@ class _Calls:
                 expires_at=datetime.fromisoformat(data["expires_at"]),
                 external_ref=data.get("external_ref"),
                 rate_limit=_rate_limit(response),
+                replayed=response.headers.get("idempotent-replayed") == "true",
             )
 
-        return _Call("POST", {"action": "create-session"}, body, "key", Retry.UNSENT, parse, True)
+        key = str(uuid.uuid4()) if idempotency_key is None else idempotency_key
+        return _Call(
+            "POST",
+            {"action": "create-session"},
+            body,
+            "key",
+            Retry.IDEMPOTENT,
+            parse,
+            True,
+            {"Idempotency-Key": key},
+        )
 
     @staticmethod
     def validate_session(token: str) -> _Call[Validation]:
@@ -571,6 +617,7 @@ class _Calls:
 # --- retries --------------------------------------------------------------------------------------
 
 RETRIED_STATUSES = {502, 503, 504}
+IDEMPOTENT_RETRIED_STATUSES = {409, *range(500, 600)}
 
 
 def _delay_after_status(
@@ -581,7 +628,12 @@ def _delay_after_status(
         return None
     status = response.status_code
     # 503 comes before any work (capacity) or after a rollback (database busy): nothing done.
-    if status == 503 or (status in RETRIED_STATUSES and call.retry is Retry.READ):
+    # With an Idempotency-Key the server answers a repeat with what the first attempt did, if
+    # it did anything, and 409 while that attempt is still running.
+    repeatable = RETRIED_STATUSES
+    if call.retry is Retry.IDEMPOTENT:
+        repeatable = IDEMPOTENT_RETRIED_STATUSES
+    if status == 503 or (status in repeatable and call.retry is not Retry.UNSENT):
         delay = _retry_after(response)
         delay = _backoff(attempt, backoff) if delay is None else delay
         return delay if delay <= MAX_RETRY_DELAY else None
@@ -595,7 +647,7 @@ def _delay_after_failure(
         return None
     # Not connected: the request never left, so even a write is safe to send again.
     unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-    if unsent or call.retry is Retry.READ:
+    if unsent or call.retry in (Retry.READ, Retry.IDEMPOTENT):
         return _backoff(attempt, backoff)
     return None
 
@@ -649,7 +701,7 @@ class _Base:
         )
 
     def _headers(self, call: _Call[Any], request_id: str) -> dict[str, str]:
-        headers = {"x-request-id": request_id}
+        headers = {"x-request-id": request_id, **call.headers}
         if call.credential == "key":
             if not self.api_key:
                 raise Unauthorized("this client has no api_key; create-session needs one")
@@ -734,10 +786,16 @@ class DailyPlayClient(_Base):
         external_ref: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         expires_in_minutes: int | None = None,
+        idempotency_key: str | None = None,
     ) -> SessionToken:
-        """A new one-time token for a game and/or stream (needs api_key)."""
+        """A new one-time token for a game and/or stream (needs api_key). Sent with an
+        Idempotency-Key (a new UUID unless given: pass your own, such as an order id, to make
+        a create you repeat later, from another process, return the same token); attempts
+        after a lost answer reuse it, so at most one token is made."""
         return self._send(
-            _Calls.create_session(game_id, stream_id, external_ref, metadata, expires_in_minutes)
+            _Calls.create_session(
+                game_id, stream_id, external_ref, metadata, expires_in_minutes, idempotency_key
+            )
         )
 
     def validate_session(self, token: str) -> Validation:
@@ -757,6 +815,17 @@ class DailyPlayClient(_Base):
         """filters: external_ref, status, game_id, stream_id, created_after, created_before
         (datetime or RFC 3339 text), limit, cursor (a page's next_cursor)."""
         return self._send(_Calls.list_sessions(filters))
+
+    def iter_sessions(self, **filters: Any) -> Iterator[StoredSession]:
+        """Every token list_sessions' filters find, newest first, fetched a page at a time
+        (`limit` sets the page size)."""
+        cursor = filters.pop("cursor", None)
+        while True:
+            page = self.list_sessions(**filters, cursor=cursor)
+            yield from page.sessions
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def list_api_keys(self, org_id: int) -> list[ApiKey]:
         return self._send(_Calls.list_api_keys(org_id))
@@ -821,9 +890,12 @@ class AsyncDailyPlayClient(_Base):
         external_ref: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         expires_in_minutes: int | None = None,
+        idempotency_key: str | None = None,
     ) -> SessionToken:
         return await self._send(
-            _Calls.create_session(game_id, stream_id, external_ref, metadata, expires_in_minutes)
+            _Calls.create_session(
+                game_id, stream_id, external_ref, metadata, expires_in_minutes, idempotency_key
+            )
         )
 
     async def validate_session(self, token: str) -> Validation:
@@ -837,6 +909,16 @@ class AsyncDailyPlayClient(_Base):
 
     async def list_sessions(self, **filters: Any) -> SessionPage:
         return await self._send(_Calls.list_sessions(filters))
+
+    async def iter_sessions(self, **filters: Any) -> AsyncIterator[StoredSession]:
+        cursor = filters.pop("cursor", None)
+        while True:
+            page = await self.list_sessions(**filters, cursor=cursor)
+            for session in page.sessions:
+                yield session
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     async def list_api_keys(self, org_id: int) -> list[ApiKey]:
         return await self._send(_Calls.list_api_keys(org_id))

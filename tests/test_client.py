@@ -25,6 +25,8 @@ from dailyplay.client import (
     DailyPlayConnectionError,
     DailyPlayTimeout,
     Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     NotFound,
     RateLimited,
     ServerError,
@@ -207,6 +209,22 @@ def test_revoking_and_listing_an_organizations_tokens(live: Live) -> None:
             dp.list_sessions(status="played")
 
 
+def test_a_repeated_create_with_the_same_key_returns_the_same_token(live: Live) -> None:
+    key = live.new_key()
+    with DailyPlayClient(live.url, api_key=key) as dp:
+        first = dp.create_session(8, external_ref="order-77", idempotency_key="order-77")
+        again = dp.create_session(8, external_ref="order-77", idempotency_key="order-77")
+        assert again.token == first.token and again.replayed and not first.replayed
+        assert first.rate_limit is not None and again.rate_limit is None
+        with pytest.raises(IdempotencyKeyReused, match="different request") as mismatch:
+            dp.create_session(9, external_ref="order-77", idempotency_key="order-77")
+        assert mismatch.value.status == 422
+        others = [dp.create_session(8, external_ref="order-78").token for _ in range(3)]
+        assert len(set(others)) == 3  # a key of its own for each call
+        found = [s.token for s in dp.iter_sessions(external_ref="order-78", limit=2)]
+        assert found == others[::-1]
+
+
 def test_the_async_client_does_the_same(live: Live) -> None:
     key = live.new_key()
 
@@ -225,6 +243,10 @@ def test_the_async_client_does_the_same(live: Live) -> None:
             assert (await dp.revoke_session(tokens[1])).status == "revoked"
             listed = await dp.list_sessions(status="revoked", game_id=5)
             assert [s.token for s in listed.sessions] == [tokens[1]]
+            walked = [s.token async for s in dp.iter_sessions(game_id=5, limit=2)]
+            assert sorted(walked) == sorted(tokens)
+            once = await dp.create_session(5, idempotency_key="async-once")
+            assert (await dp.create_session(5, idempotency_key="async-once")).token == once.token
         async with AsyncDailyPlayClient(live.url, bearer_token=live.bearer) as admin:
             keys = await admin.list_api_keys(live.org_id)
             assert any(k.key_prefix == key[:8] for k in keys)
@@ -247,6 +269,7 @@ class Scripted(http.server.ThreadingHTTPServer):
         self.script = script
         self.seen: list[str] = []
         self.request_ids: list[str] = []
+        self.idempotency_keys: list[str | None] = []
 
     @property
     def url(self) -> str:
@@ -262,6 +285,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         index = len(self.server.seen)
         self.server.seen.append(f"{self.command} {self.path}")
         self.server.request_ids.append(self.headers.get("x-request-id", ""))
+        self.server.idempotency_keys.append(self.headers.get("idempotency-key"))
         status, headers, delay = self.server.script[min(index, len(self.server.script) - 1)]
         time.sleep(delay)
         if status == 200:
@@ -358,12 +382,56 @@ def test_consume_is_never_retried() -> None:
     assert attempts(SLOW, consume, DailyPlayTimeout, timeout=0.2)[0] == 1
 
 
+def create_key(dp: DailyPlayClient) -> object:
+    return dp.create_api_key(1, "x")
+
+
 def test_writes_are_retried_only_when_nothing_was_done() -> None:
-    # 503 is answered before any work or after a rollback: a create may go again.
-    assert attempts(BUSY, create, ServiceUnavailable)[0] == 3
+    # 503 is answered before any work or after a rollback: a write may go again.
+    assert attempts(BUSY, create_key, ServiceUnavailable, bearer_token="jwt")[0] == 3
     # A 502 from a proxy, or a timeout, may come after the write was done: not repeated.
-    assert attempts((502, {}, 0.0), create, ServerError)[0] == 1
-    assert attempts(SLOW, create, DailyPlayTimeout, timeout=0.2)[0] == 1
+    assert attempts((502, {}, 0.0), create_key, ServerError, bearer_token="jwt")[0] == 1
+    assert attempts(SLOW, create_key, DailyPlayTimeout, timeout=0.2, bearer_token="jwt")[0] == 1
+
+
+@pytest.mark.parametrize(
+    "script, raises",
+    [
+        ((502, {}, 0.0), ServerError),
+        ((500, {}, 0.0), ServerError),
+        ((409, {"retry-after": "0"}, 0.0), IdempotencyKeyInUse),
+        (SLOW, DailyPlayTimeout),
+    ],
+    ids=["502", "500", "409-in-flight", "timeout"],
+)
+def test_a_create_is_retried_with_the_same_idempotency_key(
+    script: tuple[int, dict[str, str], float], raises: type[Exception]
+) -> None:
+    with (
+        scripted(script) as server,
+        client_for(server, timeout=0.2) as dp,
+        pytest.raises(raises),
+    ):
+        dp.create_session(1)
+    assert len(server.seen) == 3
+    [key] = set(server.idempotency_keys)
+    assert key is not None and uuid.UUID(key)  # generated: a new UUID per call
+    with (
+        scripted(script) as server,
+        client_for(server, timeout=0.2) as dp,
+        pytest.raises(raises),
+    ):
+        dp.create_session(1, idempotency_key="order-77")
+    assert server.idempotency_keys == ["order-77"] * 3
+
+
+def test_each_create_call_has_a_key_of_its_own() -> None:
+    with scripted(BUSY) as server, client_for(server, retries=0) as dp:
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable):
+                dp.create_session(1)
+    first, second = server.idempotency_keys
+    assert first and second and first != second
 
 
 def test_a_read_that_times_out_is_tried_again_then_reported() -> None:
