@@ -4,6 +4,8 @@ through `dailyplay serve` with two workers, racing and under kill -9."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -19,6 +21,7 @@ from conftest import API, SigningKey, World, add_org, assert_error, serve, sql, 
 
 from dailyplay import config, idempotency
 from dailyplay.clock import HOUR_MS
+from dailyplay.retention import run_retention
 from dailyplay.storage.types import CLAIMED, IdempotencyRequest
 
 pytestmark = [pytest.mark.both_engines]
@@ -231,6 +234,45 @@ def test_answers_are_kept_for_the_retention_period_and_then_deleted(
     deleted = with_store(world.settings, lambda store: store.purge_idempotency_keys(cutoff, 1))
     assert deleted == 1
     assert [row[0] for row in stored_keys(world.settings)] == ["old"]
+
+
+def test_the_servers_retention_task_deletes_old_answers(world: World, api_key: str) -> None:
+    """With token retention off (sessions.retention_days = 0), the task still deletes
+    idempotency answers older than sessions.idempotency_hours."""
+    for idem in ("stale", "fresh"):
+        assert create(world, api_key, idem).status_code == 200
+    sql(
+        world.settings,
+        "UPDATE idempotency_keys SET created_at = created_at - ? WHERE idem_key = 'stale'",
+        (3 * HOUR_MS,),
+    )
+
+    async def one_pass(store: Any) -> None:
+        task = asyncio.create_task(run_retention(store, 0, 2, first_pass=0.01, interval=60))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with_store(world.settings, one_pass)
+    assert [row[0] for row in stored_keys(world.settings)] == ["fresh"]
+    assert tokens(world.settings) == 2  # tokens are not touched
+
+
+def test_replays_are_counted_in_the_metrics(world: World, api_key: str) -> None:
+    def replays() -> float:
+        text = world.client.get("/metrics").text
+        name = "dailyplay_idempotent_replays_total"
+        lines = [line for line in text.splitlines() if line.startswith(name)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = replays()
+    for _ in range(3):
+        assert create(world, api_key, "counted").status_code == 200
+    deadline = time.monotonic() + 5
+    while replays() < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert replays() == before + 2
 
 
 def test_a_revoked_key_gets_401_not_the_stored_answer(world: World) -> None:
