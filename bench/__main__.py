@@ -444,6 +444,56 @@ def measure_limit_storages(args: argparse.Namespace, work: Path) -> dict[str, An
     return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summarize_sides(runs)}
 
 
+KEYED_MODES = ("create", "create-keyed")
+
+
+def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """create-session without and with an Idempotency-Key (a new one per request, as the
+    Python client sends), in args.rounds alternated runs on one server per worker count;
+    medians, and the keyed req/s as a multiple of the plain."""
+    log = work / "servers.log"
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for workers in args.workers:
+        instance = prepare_instance(work / f"keyed-{workers}", workers)
+        port = serve_on_free_port(instance)
+        by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in KEYED_MODES}
+        with running(serve_command(instance), port, "/openapi.json", log) as server:
+            warm_up(server.url, "create-keyed", args, instance.key)
+            for round_ in range(max(args.rounds, 1)):
+                order = KEYED_MODES if round_ % 2 == 0 else KEYED_MODES[::-1]
+                for mode in order:
+                    by_mode[mode].append(run_wrk(server.url, mode, args, instance.key))
+        runs[str(workers)] = by_mode
+    summary: dict[str, Any] = {}
+    for workers, by_mode in runs.items():
+        row: dict[str, Any] = {}
+        for mode, found in by_mode.items():
+            row[mode] = {
+                "rps_median": round(statistics.median(r["rps"] for r in found), 1),
+                "p50_ms_median": round(statistics.median(r["p50_ms"] for r in found), 2),
+                "p99_ms_median": round(statistics.median(r["p99_ms"] for r in found), 2),
+                "non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in found),
+            }
+        row["keyed_x"] = round(
+            row["create-keyed"]["rps_median"] / max(row["create"]["rps_median"], 1e-9), 2
+        )
+        summary[workers] = row
+    return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summary}
+
+
+def print_idempotency(entry: dict[str, Any]) -> None:
+    print(f"\ncreate-session without and with an Idempotency-Key, medians of {entry['rounds']}")
+    print(f"{'workers':>7}  {'mode':<13} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}")
+    for workers, row in entry["summary"].items():
+        for mode in KEYED_MODES:
+            m = row[mode]
+            print(
+                f"{workers:>7}  {mode:<13} {m['rps_median']:>8.0f} {m['p50_ms_median']:>7.2f}"
+                f" {m['p99_ms_median']:>7.2f} {m['non_2xx']:>8}"
+            )
+        print(f"{workers:>7}  keyed x plain: {row['keyed_x']:.2f}")
+
+
 def summarize_sides(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     """Per worker count and workload: each kind's median req/s and p99, and the second kind's
     req/s as a multiple of the first's (of the medians), as "<second>_x"."""
@@ -873,6 +923,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only the service with rate limits counted in each process and in a throwaway"
         " Redis, side by side, in --rounds alternated rounds per worker count",
     )  # fmt: skip
+    parser.add_argument(
+        "--idempotency", action="store_true",
+        help="only create-session without and with an Idempotency-Key, in --rounds alternated"
+        " runs per worker count",
+    )  # fmt: skip
     parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
     args = parser.parse_args(argv)
@@ -907,6 +962,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.limits:
             results["limits"] = measure_limit_storages(args, work)
             return write_results(args.out, results, lambda: print_limit_storages(results["limits"]))
+        if args.idempotency:
+            results["idempotency"] = measure_idempotency(args, work)
+            return write_results(
+                args.out, results, lambda: print_idempotency(results["idempotency"])
+            )
         if args.variants:
             results["variants"] = measure_variants(args, work)
             return write_results(args.out, results, lambda: print_variants(results["variants"]))

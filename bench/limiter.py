@@ -90,7 +90,7 @@ def _commandstats(server: Any) -> dict[str, int]:
     return {name: int(calls) for name, calls in re.findall(r"cmdstat_(\S+?):calls=(\d+)", text)}
 
 
-def redis_costs(url: str, server: Any, keys: int, hits: int, concurrency: int) -> dict:
+def redis_costs(url: str, server: Any, keys: int, hits: int, concurrency: int) -> dict[str, Any]:
     now = int(time.time() * 1000)
     windows = [
         (Window("minute", 10**9, now, str(n)), Window("day", 10**9, now, str(n)))

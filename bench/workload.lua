@@ -1,5 +1,6 @@
 -- wrk script for the DailyPlay benchmark. BENCH_MODE picks the workload:
---   bare-get, bare-post, create, validate, consume, mixed (create:validate:consume = 1:2:1).
+--   bare-get, bare-post, create, validate, consume, mixed (create:validate:consume = 1:2:1),
+--   create-keyed (create with a new Idempotency-Key on every request, as the Python client does).
 -- Session tokens come from BENCH_TOKENS (one per line); each wrk thread takes its own slice, so
 -- every validate/consume request names a distinct fresh token.
 local mode = os.getenv("BENCH_MODE")
@@ -46,6 +47,15 @@ local function create()
     {["x-api-key"] = key, ["content-type"] = "application/json"}, create_body)
 end
 
+-- Keys unique across threads and runs: the run's start second, the thread, the request.
+local run_nonce = tostring(os.time())
+
+local function create_keyed()
+  return wrk.format("POST", api .. "?action=create-session",
+    {["x-api-key"] = key, ["content-type"] = "application/json",
+     ["idempotency-key"] = run_nonce .. "-" .. id .. "-" .. counter}, create_body)
+end
+
 local function validate()
   return wrk.format("GET", api .. "?action=validate-session&token=" .. next_token())
 end
@@ -63,6 +73,8 @@ function request()
     return wrk.format("POST", "/bare", {["content-type"] = "application/json"}, create_body)
   elseif mode == "create" then
     return create()
+  elseif mode == "create-keyed" then
+    return create_keyed()
   elseif mode == "validate" then
     return validate()
   elseif mode == "consume" then
