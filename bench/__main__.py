@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -453,6 +454,7 @@ def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     medians, and the keyed req/s as a multiple of the plain."""
     log = work / "servers.log"
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    stored_keys: dict[str, int] = {}
     for workers in args.workers:
         instance = prepare_instance(work / f"keyed-{workers}", workers)
         port = serve_on_free_port(instance)
@@ -464,6 +466,7 @@ def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for mode in order:
                     by_mode[mode].append(run_wrk(server.url, mode, args, instance.key))
         runs[str(workers)] = by_mode
+        stored_keys[str(workers)] = _count_rows(instance, "idempotency_keys")
     summary: dict[str, Any] = {}
     for workers, by_mode in runs.items():
         row: dict[str, Any] = {}
@@ -478,7 +481,17 @@ def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             row["create-keyed"]["rps_median"] / max(row["create"]["rps_median"], 1e-9), 2
         )
         summary[workers] = row
-    return {"rounds": max(args.rounds, 1), "runs": runs, "summary": summary}
+    return {
+        "rounds": max(args.rounds, 1),
+        "runs": runs,
+        "summary": summary,
+        "stored_keys": stored_keys,  # answers stored, warm-up included: one per keyed request
+    }
+
+
+def _count_rows(instance: Instance, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(instance.settings.database.path)) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
 def print_idempotency(entry: dict[str, Any]) -> None:

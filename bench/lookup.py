@@ -41,7 +41,9 @@ async def _timed(store: Store, org_id: int, refs: list[str]) -> list[float]:
     return spent
 
 
-def measure(engine: str, tokens: int, lookups: int, without: int, work: Path, url: str) -> dict[str, Any]:
+def measure(
+    engine: str, tokens: int, lookups: int, without: int, work: Path, url: str
+) -> dict[str, Any]:
     instance = prepare_instance(work / engine, 1, database_url=url)
     started = time.monotonic()
     seed_tokens(instance, tokens, None, _ref)

@@ -137,6 +137,27 @@ def test_the_limits_comparison_runs_on_a_throwaway_redis(tmp_path: Path) -> None
     assert "Redis x in-process" in result.stdout
 
 
+def test_the_idempotency_comparison_sends_a_new_key_with_every_keyed_create(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "keyed.json"
+    result = run_bench(
+        "--idempotency", "--duration", "1", "--workers", "1", "--rounds", "2",
+        "--out", str(out),
+    )  # fmt: skip
+    keyed = json.loads(out.read_text())["idempotency"]
+    row = keyed["summary"]["1"]
+    for mode in ("create", "create-keyed"):
+        assert len(keyed["runs"]["1"][mode]) == 2
+        assert row[mode]["rps_median"] > 0 and row[mode]["non_2xx"] == 0, row
+    # Every keyed request sent a key of its own (a repeated one would be a replay, also 200).
+    keyed_requests = sum(run["requests"] for run in keyed["runs"]["1"]["create-keyed"])
+    assert keyed["stored_keys"]["1"] >= keyed_requests > 0
+    expected = row["create-keyed"]["rps_median"] / row["create"]["rps_median"]
+    assert row["keyed_x"] == pytest.approx(expected, abs=0.006)
+    assert "keyed x plain" in result.stdout
+
+
 def test_the_paired_runs_measure_each_ratio_against_a_bare_run_just_before(
     tmp_path: Path,
 ) -> None:

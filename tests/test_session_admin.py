@@ -137,6 +137,25 @@ def test_a_revoked_key_can_neither_revoke_nor_list(world: World) -> None:
     assert_error(listing(world, key["key"]), 401, "revoked")
 
 
+def test_an_expired_key_or_an_org_off_business_can_neither_revoke_nor_list(
+    world: World, api_key: str
+) -> None:
+    token = world.token(api_key, game_id=1, external_ref="order-3")
+    other = world.create_key(name="old")
+    now = int(time.time() * 1000)
+    sql(world.settings, "UPDATE api_keys SET expires_at = ? WHERE id = ?", (now - 1, other["id"]))
+    assert_error(revoke(world, other["key"], token), 401, "expired")
+    assert_error(listing(world, other["key"]), 401, "expired")
+    sql(world.settings, "UPDATE orgs SET tier = 'free' WHERE id = ?", (world.org_id,))
+    assert_error(revoke(world, api_key, token), 403, "Business")
+    assert_error(listing(world, api_key), 403, "Business")
+    # Nothing changed: the token is still active, and no revocation was audited.
+    assert sql(world.settings, "SELECT status, revoked_at FROM sessions") == [("active", None)]
+    assert sql(
+        world.settings, "SELECT count(*) FROM audit_log WHERE action = 'session.revoke'"
+    ) == [(0,)]
+
+
 # --- list-sessions -----------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from ...config import DatabaseSettings
 from ..errors import ClaimLost, KeyChanged
 from ..rows import key_state
 from ..types import KeyState, NewSession, Session
-from .idempotency import complete_key
+from .idempotency import claim_keys, complete_keys
 from .schema import _open, checkpoint, checkpoint_to_start_over, is_full, translated
 from .statements import CONSUME_SESSIONS, INSERT_SESSION_HEAD, KEY_STATE, SESSION_ROW
 
@@ -347,7 +347,8 @@ class WriterThread:
 class _Write:
     """One caller's write waiting for the next group commit."""
 
-    # "work" (payload: a Work), "insert_session" or "consume_session" (values), or "call"
+    # "work" (payload: a Work), "insert_session", "consume_session" or "claim_key" (values),
+    # or "call"
     # ((function, args): run between groups)
     kind: str
     payload: Any
@@ -421,14 +422,21 @@ def _run_group(conn: sqlite3.Connection, writes: list[tuple[str, Any]]) -> list[
     work runs first in arrival order, then the token inserts, then the consumptions.
     """
     results: list[Any] = [None] * len(writes)
-    inserts, consumes = [], []
+    claims, inserts, consumes = [], [], []
     for index, (kind, payload) in enumerate(writes):
         if kind == "work":
             results[index] = payload(conn)
         elif kind == "insert_session":
             inserts.append(index)
+        elif kind == "claim_key":
+            claims.append(index)
         else:
             consumes.append(index)
+    if claims:
+        for index, claim in zip(
+            claims, claim_keys(conn, [writes[index][1] for index in claims]), strict=True
+        ):
+            results[index] = claim
     inserts = _admitted(conn, writes, inserts, results)
     for start in range(0, len(inserts), ROWS_PER_STATEMENT):
         chunk = inserts[start : start + ROWS_PER_STATEMENT]
@@ -466,7 +474,8 @@ def _admitted(
     stored here, with the token). The others get KeyChanged or ClaimLost as their result and
     insert nothing."""
     current: dict[int, KeyState | None] = {}
-    admitted = []
+    admitted: list[int] = []
+    completing: list[int] = []
     for index in inserts:
         values, admitted_on, completion = writes[index][1]
         if admitted_on is not None:
@@ -477,10 +486,14 @@ def _admitted(
             if current[key_id] != admitted_on:
                 results[index] = KeyChanged(key_id)
                 continue
-        if completion is not None and not complete_key(conn, completion):
-            results[index] = ClaimLost(completion.key)
-            continue
-        admitted.append(index)
+        (completing if completion is not None else admitted).append(index)
+    if completing:
+        held = complete_keys(conn, [writes[index][1][2] for index in completing])
+        for index, still_held in zip(completing, held, strict=True):
+            if still_held:
+                admitted.append(index)
+            else:
+                results[index] = ClaimLost(writes[index][1][2].key)
     return admitted
 
 

@@ -60,7 +60,7 @@ from .engine import (
     _checkpoint_and_close,
     _Write,
 )
-from .idempotency import claim_key, complete_key, purge_keys, release_key
+from .idempotency import ClaimAsk, complete_key, purge_keys, release_key
 from .schema import _open, check_directory, connect, reraise
 from .statements import GET_SESSION, KEY_STATE
 
@@ -498,9 +498,10 @@ class Database:
     async def claim_idempotency_key(
         self, request: IdempotencyRequest, now: int, locked_until: int, stale_before: int
     ) -> Claim:
-        return await self._in_transaction(
-            lambda conn: claim_key(conn, request, now, locked_until, stale_before)
+        claim: Claim = await self._enqueue(
+            "claim_key", ClaimAsk(request, now, locked_until, stale_before)
         )
+        return claim
 
     async def complete_idempotency_key(self, completion: Completion) -> bool:
         return await self._in_transaction(lambda conn: complete_key(conn, completion))
