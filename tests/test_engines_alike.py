@@ -53,7 +53,7 @@ def _script(settings: config.Settings, signing: SigningKey) -> list[tuple[str, i
         key = call(
             "create key", "POST", API, headers=admin,
             json={"org_id": org, "name": "CRM", "allowed_game_ids": [1, 2],
-                  "rate_limit_per_minute": 3, "description": "shop"},
+                  "rate_limit_per_minute": 4, "description": "shop"},
         ).json()["data"]  # fmt: skip
         call("create key, bad", "POST", API, headers=admin, json={"org_id": org, "name": ""})
         call("create key, member", "POST", API, headers=member, json={"org_id": org, "name": "x"})
@@ -67,6 +67,13 @@ def _script(settings: config.Settings, signing: SigningKey) -> list[tuple[str, i
             json={"game_id": 1, "external_ref": "order-1", "metadata": {"b": [1, 2], "a": "x"}},
         ).json()["data"]  # fmt: skip
         token = created["token"]
+        keyed = {**with_key, "idempotency-key": "order-2"}
+        for what, body in (
+            ("create session, keyed", {"game_id": 2, "external_ref": "order-2"}),
+            ("create session, keyed again: replayed", {"external_ref": "order-2", "game_id": 2}),
+            ("create session, key reused", {"game_id": 1, "external_ref": "order-2"}),
+        ):
+            call(what, "POST", f"{API}?action=create-session", headers=keyed, json=body)
         call(
             "create session, game refused", "POST", f"{API}?action=create-session",
             headers=with_key, json={"game_id": 3},
@@ -119,4 +126,5 @@ def test_every_answer_is_the_same_on_sqlite_and_postgresql(
         assert mine == theirs, f"{mine[0]}:\n  SQLite:     {mine[1:]}\n  PostgreSQL: {theirs[1:]}"
     statuses = {what: status for what, status, _, _ in on_sqlite}
     # The script went through every kind of answer, not only successes.
-    assert {200, 400, 401, 403, 404, 410, 429} <= set(statuses.values()), statuses
+    assert {200, 400, 401, 403, 404, 410, 422, 429} <= set(statuses.values()), statuses
+    assert statuses["create session, keyed again: replayed"] == 200

@@ -206,6 +206,8 @@ def test_the_reference_page_is_self_contained_and_covers_every_operation(
         assert path in text
         for status in operation["responses"]:
             assert re.search(rf"\b{status}\b", text), status
+        for parameter in operation.get("parameters", []):
+            assert parameter["name"] in text, parameter["name"]  # Idempotency-Key, filters
     for name in doc["components"]["schemas"]:
         assert f"schema-{name}" in page.ids
     for field in doc["components"]["schemas"]["CreateApiKeyRequest"]["properties"]:
