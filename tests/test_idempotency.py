@@ -22,7 +22,14 @@ from conftest import API, SigningKey, World, add_org, assert_error, serve, sql, 
 from dailyplay import config, idempotency
 from dailyplay.clock import HOUR_MS
 from dailyplay.retention import run_retention
-from dailyplay.storage.types import CLAIMED, IdempotencyRequest
+from dailyplay.storage.types import (
+    CLAIMED,
+    IN_FLIGHT,
+    MISMATCH,
+    Completion,
+    IdempotencyRequest,
+    NewSession,
+)
 
 pytestmark = [pytest.mark.both_engines]
 
@@ -212,6 +219,51 @@ def test_a_key_still_in_flight_is_409_then_a_dead_holders_key_is_taken_over(
     assert taken.status_code == 200, taken.text
     assert create(world, key, "dead").content == taken.content
     assert tokens(world.settings) == 1
+
+
+def test_claims_and_answers_of_one_moment_are_decided_together(world: World) -> None:
+    """Through the Store, many claims at once (one group commit on SQLite, one statement on
+    PostgreSQL): each new key claimed once, a key asked for six times in the same moment
+    claimed by one ask; then many tokens stored at once with their answers, but not the one
+    whose claim is not the caller's."""
+    created = world.create_key()
+    key_id = created["id"]
+    now = int(time.time() * 1000)
+    body = {"game_id": 42}
+    same = idempotency.fingerprint("POST", "create-session", body)
+    other = idempotency.fingerprint("POST", "create-session", {"game_id": 7})
+
+    async def work(store: Any) -> tuple[list[Any], list[Any]]:
+        asks = [IdempotencyRequest(key_id, f"k-{n}", same) for n in range(30)]
+        asks += [IdempotencyRequest(key_id, "dup", same)] * 5
+        asks += [IdempotencyRequest(key_id, "dup", other)]
+        claims = await asyncio.gather(
+            *(store.claim_idempotency_key(a, now, now + 60_000, now - HOUR_MS) for a in asks)
+        )
+        state = await store.get_api_key_for_request(key_id)
+        inserts = []
+        for n, claim in enumerate(claims[:30]):
+            holder = claim.claim if n != 3 else "not-the-holder"
+            token = uuid.uuid4().bytes
+            session = NewSession(
+                token, world.org_id, key_id, 42, None, f"k-{n}", None, now, now + 60_000
+            )
+            completion = Completion(key_id, f"k-{n}", holder, 200, b'{"n":%d}' % n)
+            inserts.append(store.insert_session(session, state, completion))
+        return list(claims), await asyncio.gather(*inserts, return_exceptions=True)
+
+    claims, stored = with_store(world.settings, work)
+    assert [c.outcome for c in claims[:30]] == [CLAIMED] * 30
+    dup = [c.outcome for c in claims[30:]]
+    assert dup.count(CLAIMED) == 1, dup
+    assert set(dup) - {CLAIMED} <= {IN_FLIGHT, MISMATCH}, dup
+    assert [type(r).__name__ for r in stored] == ["NoneType"] * 3 + ["ClaimLost"] + [
+        "NoneType"
+    ] * 26
+    assert tokens(world.settings) == 29
+    kept = dict(sql(world.settings, "SELECT idem_key, state FROM idempotency_keys"))
+    assert kept.pop("k-3") == "pending" and kept.pop("dup") == "pending"
+    assert set(kept.values()) == {"done"} and len(kept) == 29
 
 
 def test_answers_are_kept_for_the_retention_period_and_then_deleted(

@@ -99,33 +99,49 @@ INSERT_ADMITTED_SESSION = (
     " metadata, created_at, expires_at)"
     " SELECT $1, $2, $3, $4, $5, $6, $7::json, $8, $9 FROM admitted"
 )
-# A token with its idempotency key's answer, in one statement: stored only while the request
-# still holds the claim (the row, locked FOR UPDATE, so a take-over waits for this transaction
-# and then finds the key done) and the key is as admitted (INSERT_ADMITTED_SESSION's check).
-# Returns (the claim was held, the token was stored).
-INSERT_CLAIMED_SESSION = (
-    "WITH claim AS (SELECT 1 FROM idempotency_keys WHERE api_key_id = $3 AND idem_key = $19"
-    " AND claim = $20 AND state = 'pending' FOR UPDATE),"
-    " admitted AS (SELECT 1 FROM claim, api_keys k JOIN orgs o ON o.id = k.org_id"
-    " WHERE k.id = $3 AND k.org_id = $10 AND k.key_hash = $11 AND k.is_active = $12"
-    " AND k.allowed_game_ids IS NOT DISTINCT FROM $13::jsonb"
-    " AND k.allowed_stream_ids IS NOT DISTINCT FROM $14::jsonb"
-    " AND k.rate_limit_per_minute = $15 AND k.rate_limit_per_day = $16"
-    " AND k.expires_at IS NOT DISTINCT FROM $17 AND o.tier = $18"
+# Tokens with their idempotency keys' answers, in one statement: each stored only while its
+# request still holds the claim (the row, locked FOR UPDATE in key order, so a take-over waits
+# for this transaction and then finds the key done) and its key is as admitted (the check of
+# INSERT_ADMITTED_SESSIONS). Returns the tokens whose claim was held, and those stored.
+INSERT_CLAIMED_SESSIONS = (
+    "WITH b AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[],"
+    " $5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],"
+    " $11::text[], $12::boolean[], $13::jsonb[], $14::jsonb[], $15::bigint[], $16::bigint[],"
+    " $17::bigint[], $18::text[], $19::text[], $20::text[], $21::integer[], $22::bytea[])"
+    " AS b(token, org_id, api_key_id, game_id, stream_id, external_ref, metadata, created_at,"
+    " expires_at, k_org, k_hash, k_active, k_games, k_streams, k_per_minute, k_per_day,"
+    " k_expires, k_tier, idem, claim, status, body)),"
+    " held AS (SELECT b.* FROM b JOIN idempotency_keys i ON i.api_key_id = b.api_key_id"
+    " AND i.idem_key = b.idem AND i.claim = b.claim AND i.state = 'pending'"
+    " ORDER BY b.api_key_id, b.idem FOR UPDATE OF i),"
+    " admitted AS (SELECT held.* FROM held JOIN api_keys k ON k.id = held.api_key_id"
+    " JOIN orgs o ON o.id = k.org_id"
+    " WHERE k.org_id = held.k_org AND k.key_hash = held.k_hash AND k.is_active = held.k_active"
+    " AND k.allowed_game_ids IS NOT DISTINCT FROM held.k_games"
+    " AND k.allowed_stream_ids IS NOT DISTINCT FROM held.k_streams"
+    " AND k.rate_limit_per_minute = held.k_per_minute AND k.rate_limit_per_day = held.k_per_day"
+    " AND k.expires_at IS NOT DISTINCT FROM held.k_expires AND o.tier = held.k_tier"
     " FOR KEY SHARE OF k, o),"
     " inserted AS (INSERT INTO sessions (token, org_id, api_key_id, game_id, stream_id,"
     " external_ref, metadata, created_at, expires_at)"
-    " SELECT $1, $2, $3, $4, $5, $6, $7::json, $8, $9 FROM admitted RETURNING 1),"
-    " done AS (UPDATE idempotency_keys SET state = 'done', status = $21, body = $22"
-    " WHERE api_key_id = $3 AND idem_key = $19 AND EXISTS (SELECT 1 FROM inserted) RETURNING 1)"
-    " SELECT EXISTS (SELECT 1 FROM claim), EXISTS (SELECT 1 FROM done)"
+    " SELECT token, org_id, api_key_id, game_id, stream_id, external_ref, metadata::json,"
+    " created_at, expires_at FROM admitted RETURNING token),"
+    " done AS (UPDATE idempotency_keys i SET state = 'done', status = a.status, body = a.body"
+    " FROM admitted a WHERE i.api_key_id = a.api_key_id AND i.idem_key = a.idem"
+    " AND a.token IN (SELECT token FROM inserted) RETURNING 1)"
+    " SELECT (SELECT coalesce(array_agg(token), '{}') FROM held),"
+    " (SELECT coalesce(array_agg(token), '{}') FROM inserted), (SELECT count(*) FROM done)"
 )
 # Idempotency-Key claims (storage.types.Claim): a new key in one statement; a key in use is read
 # locked, and taken over when claim_outcome allows.
-CLAIM_NEW_KEY = (
+# New keys of one loop turn's claims, in key order (two batches claiming the same keys wait for
+# each other rather than deadlock); a key already there, or twice in the batch, is claimed by
+# nobody here. Returns the claims stored.
+CLAIM_NEW_KEYS = (
     "INSERT INTO idempotency_keys (api_key_id, idem_key, fingerprint, claim, state, created_at,"
-    " locked_until) VALUES ($1, $2, $3, $4, 'pending', $5, $6)"
-    " ON CONFLICT (api_key_id, idem_key) DO NOTHING RETURNING 1"
+    " locked_until) SELECT k, i, f, c, 'pending', n, l FROM unnest($1::bigint[], $2::text[],"
+    " $3::bytea[], $4::text[], $5::bigint[], $6::bigint[]) AS b(k, i, f, c, n, l)"
+    " ORDER BY k, i ON CONFLICT (api_key_id, idem_key) DO NOTHING RETURNING claim"
 )
 READ_KEY_LOCKED = (
     "SELECT fingerprint, state, status, body, created_at, locked_until FROM idempotency_keys"
@@ -262,6 +278,12 @@ class PostgresStore:
         self._inserts: Batcher[tuple[NewSession, KeyState], BaseException | None] = Batcher(
             self._insert_admitted
         )
+        self._claimed_inserts: Batcher[
+            tuple[NewSession, KeyState, Completion], BaseException | None
+        ] = Batcher(self._insert_claimed)
+        self._new_claims: Batcher[tuple[int, str, bytes, str, int, int], bool | BaseException] = (
+            Batcher(self._claim_new_keys)
+        )
 
     # --- life ----------------------------------------------------------------------------------
 
@@ -308,7 +330,13 @@ class PostgresStore:
     async def close(self) -> None:
         """Finish the batches under way, write the usage counted so far, then close every
         connection."""
-        for batcher in (self._inserts, self._consumes, self._gets):
+        for batcher in (
+            self._new_claims,
+            self._claimed_inserts,
+            self._inserts,
+            self._consumes,
+            self._gets,
+        ):
             await batcher.drain()
         task, self._usage_task = self._usage_task, None
         if task is not None:
@@ -834,7 +862,9 @@ class PostgresStore:
         completion: Completion | None = None,
     ) -> None:
         if completion is not None:
-            await self._insert_claimed(session, admitted_on, completion)
+            if admitted_on is None:
+                raise ValueError("an idempotent insert is admitted on a key's state")
+            await self._claimed_inserts.submit((session, admitted_on, completion))
             return
         if admitted_on is None:
             await self._execute(INSERT_SESSION, *session)
@@ -876,7 +906,7 @@ class PostgresStore:
                 raise
             except asyncpg.PostgresError:
                 # One row the database refuses (a constraint) must not fail the others.
-                return [await self._insert_alone(session, a) for session, a in batch]
+                return [await self._alone(self._insert_admitted, item) for item in batch]
             stored = {bytes(row[0]) for row in rows}
         results: list[BaseException | None] = []
         for session, _state in batch:
@@ -888,29 +918,49 @@ class PostgresStore:
         return results
 
     async def _insert_claimed(
-        self, session: NewSession, a: KeyState | None, completion: Completion
-    ) -> None:
-        """A token with its idempotency key's answer (INSERT_CLAIMED_SESSION)."""
-        if a is None:
-            raise ValueError("an idempotent insert is admitted on a key's state")
-        c = completion
-        held, stored = await self._fetchrow(
-            INSERT_CLAIMED_SESSION,
-            *session,
-            a.org_id, a.key_hash, a.is_active, _json_list(a.allowed_game_ids),
-            _json_list(a.allowed_stream_ids), a.rate_limit_per_minute,
-            a.rate_limit_per_day, a.expires_at, a.tier,
-            c.key, c.claim, c.status, c.body,
-        )  # fmt: skip
-        if not held:
-            raise ClaimLost(c.key)
-        if not stored:
-            raise KeyChanged(session.api_key_id)
-        self._count(session.api_key_id, session.created_at, 0)
+        self, batch: list[tuple[NewSession, KeyState, Completion]]
+    ) -> list[BaseException | None]:
+        """Store each token whose request still holds its idempotency claim and whose key is
+        still as admitted, with the claim's answer, in one statement; the others' result is
+        ClaimLost or KeyChanged."""
+        import asyncpg
 
-    async def _insert_alone(self, session: NewSession, state: KeyState) -> BaseException | None:
+        columns: list[list[Any]] = [[] for _ in range(22)]
+        for session, a, c in batch:
+            for column, value in zip(
+                columns,
+                (*session, a.org_id, a.key_hash, a.is_active,
+                 _json_list(a.allowed_game_ids), _json_list(a.allowed_stream_ids),
+                 a.rate_limit_per_minute, a.rate_limit_per_day, a.expires_at, a.tier,
+                 c.key, c.claim, c.status, c.body),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
         try:
-            [result] = await self._insert_admitted([(session, state)])
+            held, stored, _done = await self._fetchrow(INSERT_CLAIMED_SESSIONS, *columns)
+        except StorageError:
+            raise
+        except asyncpg.PostgresError:
+            if len(batch) == 1:
+                raise
+            # One row the database refuses (a constraint) must not fail the others.
+            return [await self._alone(self._insert_claimed, item) for item in batch]
+        held, stored = {bytes(t) for t in held}, {bytes(t) for t in stored}
+        results: list[BaseException | None] = []
+        for session, _state, completion in batch:
+            if session.token in stored:
+                self._count(session.api_key_id, session.created_at, 0)
+                results.append(None)
+            elif session.token in held:
+                results.append(KeyChanged(session.api_key_id))
+            else:
+                results.append(ClaimLost(completion.key))
+        return results
+
+    async def _alone(self, run: Callable[[list[Any]], Awaitable[list[Any]]], item: Any) -> Any:
+        """run([item])'s one result, or the exception it raised."""
+        try:
+            [result] = await run([item])
         except Exception as exc:
             return exc
         return result
@@ -967,7 +1017,6 @@ class PostgresStore:
     async def claim_idempotency_key(
         self, request: IdempotencyRequest, now: int, locked_until: int, stale_before: int
     ) -> Claim:
-        import asyncpg
 
         key_id, key, fingerprint = request
         claim = secrets.token_hex(8)
@@ -985,18 +1034,33 @@ class PostgresStore:
             return found
 
         for _attempt in range(3):
-            try:
-                row = await self._fetchrow(
-                    CLAIM_NEW_KEY, key_id, key, fingerprint, claim, now, locked_until
-                )
-            except asyncpg.ForeignKeyViolationError:
-                raise KeyChanged(key_id) from None  # the API key was deleted meanwhile
-            if row is not None:
+            claimed = await self._new_claims.submit(
+                (key_id, key, fingerprint, claim, now, locked_until)
+            )
+            if claimed:
                 return Claim(CLAIMED, claim=claim)
             found = await self._in_transaction(in_use)
             if found is not None:
                 return found
         raise StorageBusy(f"idempotency key {key_id} kept changing")
+
+    async def _claim_new_keys(
+        self, batch: list[tuple[int, str, bytes, str, int, int]]
+    ) -> list[bool | BaseException]:
+        """Claim the keys of a loop turn's requests that no row holds yet (CLAIM_NEW_KEYS):
+        for each, whether its claim was stored; KeyChanged when its API key is gone."""
+        import asyncpg
+
+        try:
+            rows = await self._fetch(
+                CLAIM_NEW_KEYS, *(list(column) for column in zip(*batch, strict=True))
+            )
+        except asyncpg.ForeignKeyViolationError:
+            if len(batch) == 1:
+                return [KeyChanged(batch[0][0])]  # the API key was deleted meanwhile
+            return [await self._alone(self._claim_new_keys, ask) for ask in batch]
+        stored = {row[0] for row in rows}
+        return [ask[3] in stored for ask in batch]
 
     async def complete_idempotency_key(self, completion: Completion) -> bool:
         c = completion
