@@ -448,15 +448,23 @@ def measure_limit_storages(args: argparse.Namespace, work: Path) -> dict[str, An
 KEYED_MODES = ("create", "create-keyed")
 
 
-def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def measure_idempotency(
+    args: argparse.Namespace, work: Path, database_url: Callable[[], str] | None = None
+) -> dict[str, Any]:
     """create-session without and with an Idempotency-Key (a new one per request, as the
     Python client sends), in args.rounds alternated runs on one server per worker count;
-    medians, and the keyed req/s as a multiple of the plain."""
+    medians, and the keyed req/s as a multiple of the plain. On SQLite, or on the PostgreSQL
+    databases database_url() makes (then the stored answers are not counted)."""
     log = work / "servers.log"
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     stored_keys: dict[str, int] = {}
+    engine = "sqlite" if database_url is None else "postgresql"
     for workers in args.workers:
-        instance = prepare_instance(work / f"keyed-{workers}", workers)
+        instance = prepare_instance(
+            work / f"keyed-{engine}-{workers}",
+            workers,
+            database_url="" if database_url is None else database_url(),
+        )
         port = serve_on_free_port(instance)
         by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in KEYED_MODES}
         with running(serve_command(instance), port, "/openapi.json", log) as server:
@@ -466,7 +474,8 @@ def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for mode in order:
                     by_mode[mode].append(run_wrk(server.url, mode, args, instance.key))
         runs[str(workers)] = by_mode
-        stored_keys[str(workers)] = _count_rows(instance, "idempotency_keys")
+        if database_url is None:
+            stored_keys[str(workers)] = _count_rows(instance, "idempotency_keys")
     summary: dict[str, Any] = {}
     for workers, by_mode in runs.items():
         row: dict[str, Any] = {}
@@ -482,6 +491,7 @@ def measure_idempotency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         summary[workers] = row
     return {
+        "engine": engine,
         "rounds": max(args.rounds, 1),
         "runs": runs,
         "summary": summary,
@@ -494,8 +504,28 @@ def _count_rows(instance: Instance, table: str) -> int:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
+def measure_idempotency_on_postgresql(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """measure_idempotency on a throwaway PostgreSQL with its default durability."""
+    from bench.postgres import ThrowawayPostgres
+
+    server = ThrowawayPostgres(durable=True).start()
+    try:
+        server.setup_role()
+        return measure_idempotency(args, work, server.create_database)
+    finally:
+        server.remove()
+
+
+def print_idempotencies(entries: list[dict[str, Any]]) -> None:
+    for entry in entries:
+        print_idempotency(entry)
+
+
 def print_idempotency(entry: dict[str, Any]) -> None:
-    print(f"\ncreate-session without and with an Idempotency-Key, medians of {entry['rounds']}")
+    print(
+        f"\ncreate-session without and with an Idempotency-Key ({entry['engine']}),"
+        f" medians of {entry['rounds']}"
+    )
     print(f"{'workers':>7}  {'mode':<13} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}")
     for workers, row in entry["summary"].items():
         for mode in KEYED_MODES:
@@ -939,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idempotency", action="store_true",
         help="only create-session without and with an Idempotency-Key, in --rounds alternated"
-        " runs per worker count",
+        " runs per worker count (with --engines, on a throwaway PostgreSQL too)",
     )  # fmt: skip
     parser.add_argument("--soak-interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--soak-tokens", type=int, default=1_000_000)
@@ -969,17 +999,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.pairs:
             results["pairs"] = measure_pairs(args, work)
             return write_results(args.out, results, lambda: print_pairs(results["pairs"]))
+        if args.idempotency:
+            # With --engines, on PostgreSQL too.
+            entries = [measure_idempotency(args, work)]
+            results["idempotency"] = entries[0]
+            if args.engines:
+                entries.append(measure_idempotency_on_postgresql(args, work))
+                results["idempotency_postgresql"] = entries[1]
+            return write_results(args.out, results, lambda: print_idempotencies(entries))
         if args.engines:
             results["engines"] = measure_engines(args, work)
             return write_results(args.out, results, lambda: print_engines(results["engines"]))
         if args.limits:
             results["limits"] = measure_limit_storages(args, work)
             return write_results(args.out, results, lambda: print_limit_storages(results["limits"]))
-        if args.idempotency:
-            results["idempotency"] = measure_idempotency(args, work)
-            return write_results(
-                args.out, results, lambda: print_idempotency(results["idempotency"])
-            )
         if args.variants:
             results["variants"] = measure_variants(args, work)
             return write_results(args.out, results, lambda: print_variants(results["variants"]))
