@@ -154,7 +154,22 @@ class RateLimit:
     reset: datetime
 
 
-class RateLimited(DailyPlayError):
+class _RetryAfter(DailyPlayError):
+    """An error whose answer said how long to wait before trying again (`retry_after`, in
+    seconds; None when it did not say)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status, request_id)
+        self.retry_after = retry_after
+
+
+class RateLimited(_RetryAfter):
     """429: a limit is used up; `retry_after` is the number of seconds to wait."""
 
     def __init__(
@@ -165,24 +180,13 @@ class RateLimited(DailyPlayError):
         retry_after: float | None = None,
         rate_limit: RateLimit | None = None,
     ):
-        super().__init__(message, status, request_id)
-        self.retry_after = retry_after
+        super().__init__(message, status, request_id, retry_after)
         self.rate_limit = rate_limit
 
 
-class IdempotencyKeyInUse(DailyPlayError):
+class IdempotencyKeyInUse(_RetryAfter):
     """409: an earlier attempt with this Idempotency-Key is still being processed (create_session
     retries this itself); `retry_after` is the number of seconds to wait."""
-
-    def __init__(
-        self,
-        message: str,
-        status: int | None = None,
-        request_id: str | None = None,
-        retry_after: float | None = None,
-    ):
-        super().__init__(message, status, request_id)
-        self.retry_after = retry_after
 
 
 class IdempotencyKeyReused(BadRequest):
@@ -193,18 +197,8 @@ class ServerError(DailyPlayError):
     """5xx: the server failed."""
 
 
-class ServiceUnavailable(ServerError):
+class ServiceUnavailable(_RetryAfter, ServerError):
     """503: at capacity, database busy, or not ready; `retry_after` seconds if it said."""
-
-    def __init__(
-        self,
-        message: str,
-        status: int | None = None,
-        request_id: str | None = None,
-        retry_after: float | None = None,
-    ):
-        super().__init__(message, status, request_id)
-        self.retry_after = retry_after
 
 
 _GONE = {"consumed": TokenConsumed, "revoked": TokenRevoked, "expired": TokenExpired}
